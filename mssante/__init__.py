@@ -1,0 +1,1 @@
+"""mssante: the patient side of MSSanté secure health messaging."""

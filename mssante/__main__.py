@@ -1,0 +1,3 @@
+from mssante.cli import main
+
+main()

@@ -1,0 +1,449 @@
+"""The ``mssante`` command."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from email.message import EmailMessage
+from email.utils import make_msgid
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from sqlalchemy import func, select
+
+from mssante import demo
+from mssante.app import Gateway, Store
+from mssante.clock import SystemClock
+from mssante.routing.ins import InsError, parse_ins
+from mssante.settings import Settings, SettingsError, example_toml, load_settings
+from mssante.store import directory as dirops
+from mssante.store.models import (
+    Attachment,
+    Conversation,
+    Delivery,
+    Message,
+    Notification,
+    Patient,
+    PatientLink,
+    ProfileStatus,
+)
+
+T = TypeVar("T")
+console = Console(stderr=True)
+
+
+def _settings(ctx: click.Context) -> Settings:
+    settings: Settings = ctx.obj
+    return settings
+
+
+def _run(coro: Awaitable[T]) -> T:
+    async def wrapper() -> T:
+        return await coro
+
+    return asyncio.run(wrapper())
+
+
+async def _with_store(settings: Settings, fn: Callable[[Store], Awaitable[T]]) -> T:
+    store = Store(settings)
+    await store.open()
+    try:
+        return await fn(store)
+    finally:
+        await store.close()
+
+
+def _valid_ins(value: str) -> str:
+    ins = parse_ins(value)
+    if isinstance(ins, InsError):
+        raise click.BadParameter(f"not a valid INS: {ins.detail}")
+    return ins.value
+
+
+@click.group()
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    envvar="MSSANTE_CONFIG",
+    help="TOML configuration file (default: embedded defaults).",
+)
+@click.pass_context
+def main(ctx: click.Context, config_path: Path | None) -> None:
+    """mssante: the patient side of MSSanté secure health messaging."""
+    try:
+        ctx.obj = load_settings(config_path)
+    except SettingsError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+# --- config ---------------------------------------------------------------------------
+
+
+@main.group()
+def config() -> None:
+    """The configuration schema."""
+
+
+@config.command("example")
+def config_example() -> None:
+    """Print an example configuration with every key and its default."""
+    click.echo(example_toml(), nl=False)
+
+
+@config.command("check")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+def config_check(file: Path) -> None:
+    """Validate a configuration file (with the environment overrides)."""
+    try:
+        load_settings(file)
+    except SettingsError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"{file}: ok")
+
+
+# --- serve ---------------------------------------------------------------------------
+
+
+async def seed_demo(store: Store) -> int:
+    """Create the demo patients that do not exist yet; return how many were made."""
+    clock = SystemClock()
+
+    async def job(session: Any) -> int:
+        made = 0
+        for record in demo.DEMO_PATIENTS:
+            if await dirops.get_patient(session, record.ins) is None:
+                await dirops.upsert_patient(session, record, at=clock.now(), actor="demo")
+                made += 1
+        for record in demo.DEMO_PATIENTS:
+            if record.representatives or record.helpers:
+                patient = await dirops.get_patient(session, record.ins)
+                assert patient is not None
+                await dirops.set_links(session, patient, record, at=clock.now())
+        return made
+
+    return await store.writer.run(job)
+
+
+def _demo_banner(settings: Settings, port: int) -> str:
+    d = settings.smtp.patient_domain
+    where = f"{settings.smtp.host}:{port}"
+    return f"""
+mssante is running: SMTP on {where} (STARTTLS offered), data in {settings.store.data_dir}
+
+Demo patients:
+  {demo.ACTIVATED}@{d}   activated
+  {demo.CREATED_EMAIL}@{d}   created, insurer e-mail known
+  {demo.CREATED_POSTAL}@{d}   created, postal statement
+  {demo.MINOR}@{d}   minor, two legal representatives
+  {demo.OPPOSED}@{d}   opposed  -> refused 550 5.2.1
+  {demo.CLOSED}@{d}   closed   -> refused 550 5.2.1
+
+Send a first message (in another terminal):
+  .venv/bin/mssante send-test --port {port}
+Then look at the mailbox:
+  .venv/bin/mssante mailbox {demo.ACTIVATED}
+"""
+
+
+@main.command()
+@click.option(
+    "--demo/--no-demo",
+    "with_demo",
+    default=False,
+    help="Seed the demo patients and print how to send a first message.",
+)
+@click.pass_context
+def serve(ctx: click.Context, with_demo: bool) -> None:
+    """Run the SMTP gateway until interrupted."""
+    settings = _settings(ctx)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+
+    async def run() -> None:
+        gateway = Gateway(settings)
+        await gateway.start()
+        if with_demo:
+            await seed_demo(gateway.store)
+            click.echo(_demo_banner(settings, gateway.smtp.port))
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await gateway.stop()
+
+    asyncio.run(run())
+
+
+# --- send-test -------------------------------------------------------------------------
+
+_DEMO_PDF = (
+    b"%PDF-1.4\n1 0 obj<</Type/Catalog/Pages 2 0 R>>endobj\n"
+    b"2 0 obj<</Type/Pages/Kids[3 0 R]/Count 1>>endobj\n"
+    b"3 0 obj<</Type/Page/Parent 2 0 R/MediaBox[0 0 595 842]>>endobj\n"
+    b"trailer<</Root 1 0 R>>\n%%EOF\n"
+)
+
+
+def demo_message(to: str, sender: str) -> EmailMessage:
+    msg = EmailMessage()
+    msg["From"] = f"Dr Alice Durand <{sender}>"
+    msg["To"] = to
+    msg["Subject"] = "Compte rendu de consultation"
+    msg["Message-ID"] = make_msgid(domain=sender.rpartition("@")[2])
+    msg["X-MSS-NIL"] = "mssante-send-test/0.1"
+    msg.set_content(
+        "Bonjour,\n\nVous trouverez ci-joint le compte rendu de votre consultation.\n\n"
+        "Bien cordialement,\nDr Alice Durand\n"
+    )
+    msg.add_attachment(
+        _DEMO_PDF, maintype="application", subtype="pdf", filename="compte-rendu.pdf"
+    )
+    return msg
+
+
+@main.command("send-test")
+@click.option(
+    "--to",
+    "to_ins",
+    default=demo.ACTIVATED,
+    show_default=True,
+    help="INS of the patient to write to.",
+)
+@click.option("--sender", default="dr.durand@chu-exemple.mssante.fr", show_default=True)
+@click.option("--host", default=None, help="Server address (default: from configuration).")
+@click.option("--port", type=int, default=None, help="Server port (default: from configuration).")
+@click.option("--starttls/--no-starttls", default=True, show_default=True)
+@click.pass_context
+def send_test(
+    ctx: click.Context, to_ins: str, sender: str, host: str | None, port: int | None, starttls: bool
+) -> None:
+    """Send a demo professional message (with a PDF) to a patient mailbox."""
+    import ssl
+
+    import aiosmtplib
+
+    settings = _settings(ctx)
+    to = f"{to_ins}@{settings.smtp.patient_domain}"
+    msg = demo_message(to, sender)
+    tls: ssl.SSLContext | None = None
+    if starttls:
+        tls = ssl.create_default_context()
+        ca = settings.store.data_dir / "tls" / "dev-ca.pem"
+        if ca.exists():
+            tls.load_verify_locations(ca)
+        tls.check_hostname = False  # the dev certificate names the configured hostname
+
+    async def send() -> None:
+        async with aiosmtplib.SMTP(
+            hostname=host or settings.smtp.host,
+            port=port or settings.smtp.port,
+            start_tls=starttls,
+            tls_context=tls,
+        ) as client:
+            _, reply = await client.send_message(msg)
+            click.echo(f"250 {reply}")
+
+    try:
+        _run(send())
+    except aiosmtplib.SMTPRecipientsRefused as exc:
+        for err in exc.recipients:
+            click.echo(f"refused: {err.code} {err.message}", err=True)
+        sys.exit(1)
+    except aiosmtplib.SMTPException as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+# --- mailbox ---------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("ins", callback=lambda _c, _p, v: _valid_ins(v))
+@click.pass_context
+def mailbox(ctx: click.Context, ins: str) -> None:
+    """List the conversations and messages delivered to a patient."""
+
+    async def show(store: Store) -> None:
+        async with store.reads() as session:
+            patient = await dirops.get_patient(session, ins)
+            if patient is None:
+                raise click.ClickException("patient not found")
+            rows = (
+                await session.execute(
+                    select(Conversation, Delivery, Message)
+                    .join(Delivery, Delivery.conversation_id == Conversation.id)
+                    .join(Message, Message.id == Delivery.message_id)
+                    .where(Delivery.patient_id == patient.id)
+                    .order_by(Conversation.id, Delivery.id)
+                )
+            ).all()
+            table = Table(title=f"Mailbox {ins} ({patient.status.value})")
+            for col in ("conv", "from", "subject", "received", "size", "attachments", "state"):
+                table.add_column(col)
+            for conv, delivery, message in rows:
+                n = await session.scalar(
+                    select(func.count())
+                    .select_from(Attachment)
+                    .where(Attachment.message_id == message.id)
+                )
+                state = "ended" if conv.ended_at else "open"
+                table.add_row(
+                    str(conv.id),
+                    conv.professional_name or conv.professional,
+                    message.subject or "",
+                    f"{delivery.delivered_at:%Y-%m-%d %H:%M}",
+                    str(message.size),
+                    str(n),
+                    state,
+                )
+            Console().print(table)
+
+    _run(_with_store(_settings(ctx), show))
+
+
+# --- patients --------------------------------------------------------------------------
+
+
+@main.group()
+def patients() -> None:
+    """The patient directory."""
+
+
+@patients.command("show")
+@click.argument("ins", callback=lambda _c, _p, v: _valid_ins(v))
+@click.pass_context
+def patients_show(ctx: click.Context, ins: str) -> None:
+    """Show one patient's profile and links."""
+
+    async def show(store: Store) -> None:
+        async with store.reads() as session:
+            patient = await dirops.get_patient(session, ins)
+            if patient is None:
+                raise click.ClickException("patient not found")
+            links = (
+                await session.execute(
+                    select(PatientLink.role, Patient.ins)
+                    .join(Patient, Patient.id == PatientLink.adult_id)
+                    .where(PatientLink.patient_id == patient.id)
+                )
+            ).all()
+            attached_to = (
+                await session.execute(
+                    select(PatientLink.role, Patient.ins)
+                    .join(Patient, Patient.id == PatientLink.patient_id)
+                    .where(PatientLink.adult_id == patient.id)
+                )
+            ).all()
+            pending = await session.scalar(
+                select(func.count())
+                .select_from(Notification)
+                .where(Notification.patient_id == patient.id)
+            )
+        table = Table(show_header=False)
+        for key in (
+            "ins",
+            "status",
+            "given_name",
+            "family_name",
+            "birth_date",
+            "activation_email",
+            "insurer_email",
+            "email_invalid",
+            "postal_address",
+            "created_at",
+            "updated_at",
+            "activated_at",
+        ):
+            value = getattr(patient, key)
+            table.add_row(key, "" if value is None else str(value))
+        for role, other in links:
+            table.add_row(f"{role.value} (adult)", other)
+        for role, other in attached_to:
+            table.add_row(f"{role.value} of", other)
+        table.add_row("notifications", str(pending))
+        Console().print(table)
+
+    _run(_with_store(_settings(ctx), show))
+
+
+@patients.command("set-status")
+@click.argument("ins", callback=lambda _c, _p, v: _valid_ins(v))
+@click.argument("status", type=click.Choice([s.value for s in ProfileStatus]))
+@click.pass_context
+def patients_set_status(ctx: click.Context, ins: str, status: str) -> None:
+    """Change a profile status (audited)."""
+    clock = SystemClock()
+
+    async def change(store: Store) -> str:
+        async def job(session: Any) -> str:
+            try:
+                patient = await dirops.set_status(
+                    session, ins, ProfileStatus(status), at=clock.now(), actor="cli"
+                )
+            except LookupError as exc:
+                raise click.ClickException(str(exc)) from exc
+            return patient.status.value
+
+        return await store.writer.run(job)
+
+    click.echo(f"{ins}: {_run(_with_store(_settings(ctx), change))}")
+
+
+@patients.command("import")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["csv", "jsonl"]),
+    default=None,
+    help="File format (default: from the extension).",
+)
+@click.option(
+    "--skip-invalid",
+    is_flag=True,
+    help="Import the valid rows and report the invalid ones (default: import nothing "
+    "when a row is invalid).",
+)
+@click.pass_context
+def patients_import(ctx: click.Context, file: Path, fmt: str | None, skip_invalid: bool) -> None:
+    """Import patients from CSV or JSON Lines (idempotent upsert by INS)."""
+    from mssante.store.patient_import import import_patients
+
+    settings = _settings(ctx)
+
+    async def run(store: Store) -> Any:
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+        ) as progress:
+            task = progress.add_task(f"import {file.name}", total=None)
+            return await import_patients(
+                store.writer_sessions,
+                file,
+                clock=SystemClock(),
+                actor="cli",
+                fmt=fmt,
+                skip_invalid=skip_invalid,
+                progress=lambda n: progress.advance(task, n),
+            )
+
+    report = _run(_with_store(settings, run))
+    for err in report.errors:
+        click.echo(f"{file}:{err.line}: {err.reason}", err=True)
+    click.echo(
+        f"{report.rows} rows: {report.created} created, {report.updated} updated, "
+        f"{report.unchanged} unchanged, {len(report.errors)} invalid"
+        + ("" if report.imported else " - nothing imported")
+    )
+    if report.errors:
+        sys.exit(1)

@@ -1,0 +1,1 @@
+"""Tells the patient: who is notified about a new message, and how."""

@@ -1,0 +1,1 @@
+"""Decides: the INS, recipient verdicts and the trust space."""

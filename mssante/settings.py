@@ -1,0 +1,146 @@
+"""Typed configuration, loaded once and injected (STYLE.md 9).
+
+A TOML file (optional) and ``MSSANTE_<SECTION>__<KEY>`` environment
+variables fill one :class:`Settings` value.  Every field has an embedded
+default so the server starts with no file at all (the Quick start).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+ENV_PREFIX = "MSSANTE_"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SmtpSettings(_Section):
+    host: str = Field("127.0.0.1", description="Address the inbound SMTP listener binds to.")
+    port: int = Field(2525, ge=0, le=65535, description="Inbound SMTP port (25 in production).")
+    hostname: str = Field(
+        "mx.patient.mssante.localhost",
+        description="Name in the greeting and Received header; set so no DNS lookup happens.",
+    )
+    patient_domain: str = Field("patient.mssante.fr", description="The only domain accepted.")
+    max_message_size: int = Field(
+        25_000_000, gt=0, description="SIZE limit in octets (DOMAIN.md 3: 25 MB)."
+    )
+    timeout: float = Field(300.0, gt=0, description="Idle timeout of a session, in seconds.")
+    tls_cert: Path | None = Field(
+        None, description="PEM server certificate chain; generated in the data dir if unset."
+    )
+    tls_key: Path | None = Field(None, description="PEM private key of tls_cert.")
+
+    @field_validator("patient_domain")
+    @classmethod
+    def _lower_domain(cls, value: str) -> str:
+        return value.strip().lower().rstrip(".")
+
+
+class StoreSettings(_Section):
+    data_dir: Path = Field(
+        Path("mssante-data"), description="Database, blobs, spool, keys and dev certificates."
+    )
+    database_url: str | None = Field(
+        None, description="SQLAlchemy async URL; default SQLite in data_dir."
+    )
+    sqlite_synchronous: str = Field(
+        "FULL", pattern="^(FULL|EXTRA)$", description="SQLite synchronous pragma (durability)."
+    )
+    max_batch: int = Field(64, ge=1, description="Largest number of deliveries committed together.")
+
+    def url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite+aiosqlite:///{(self.data_dir / 'mssante.db').resolve()}"
+
+
+class TrustSettings(_Section):
+    whitelist: Path | None = Field(
+        None, description="Trust-space whitelist XML (listeblanche); optional for now."
+    )
+    mssante_suffix: str = Field(
+        ".mssante.fr", description="Domains ending so are MSSanté addresses (Reply-To contacts)."
+    )
+
+
+class NotifySettings(_Section):
+    webmail_url: str = Field("http://127.0.0.1:8080/", description="Link given in notifications.")
+
+
+class Settings(_Section):
+    smtp: SmtpSettings = Field(default_factory=SmtpSettings)
+    store: StoreSettings = Field(default_factory=StoreSettings)
+    trust: TrustSettings = Field(default_factory=TrustSettings)
+    notify: NotifySettings = Field(default_factory=NotifySettings)
+
+
+class SettingsError(Exception):
+    """A configuration that cannot be used; the message names key, value and fix."""
+
+
+def _env_overrides(environ: dict[str, str]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        section, _, key = name[len(ENV_PREFIX) :].lower().partition("__")
+        out.setdefault(section, {})[key] = value
+    return out
+
+
+def load_settings(path: Path | None = None, environ: dict[str, str] | None = None) -> Settings:
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise SettingsError(f"{path}: cannot read configuration: {exc}") from exc
+    for section, values in _env_overrides(dict(os.environ if environ is None else environ)).items():
+        data.setdefault(section, {}).update(values)
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            key = ".".join(str(p) for p in err["loc"])
+            lines.append(f"{key} = {err.get('input')!r}: {err['msg']}")
+        raise SettingsError("invalid configuration:\n  " + "\n  ".join(lines)) from exc
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return f"{value:_}" if value >= 10_000 else str(value)
+    if isinstance(value, float):
+        return repr(value)
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def example_toml() -> str:
+    """The example configuration, generated from the schema (config/mssante.example.toml)."""
+    lines = [
+        "# mssante configuration: every key with its default.",
+        "# Generated by `mssante config example`; a test fails when it drifts from the schema.",
+        "# Environment variables MSSANTE_<SECTION>__<KEY> override the file.",
+    ]
+    defaults = Settings()
+    for section in Settings.model_fields:
+        lines += ["", f"[{section}]"]
+        model = getattr(defaults, section)
+        for key, field in type(model).model_fields.items():
+            lines.append(f"# {field.description}")
+            value = getattr(model, key)
+            if value is None:
+                lines.append(f"# {key} =")
+            else:
+                lines.append(f"{key} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,120 @@
+"""The SMTP protocol: aiosmtpd's command loop with our DATA phase and errors.
+
+aiosmtpd parses commands, EHLO, STARTTLS and AUTH well.  Two things are
+replaced:
+
+- ``smtp_DATA``: the message is read in bulk by :class:`DataReceiver`,
+  streamed to a spool file (never held in memory), and refused precisely
+  when malformed (see data.py);
+- ``handle_exception``: an unexpected error becomes ``451 4.3.0`` with a log
+  id; the client never sees exception text.
+
+Session policy (EHLO keywords, MAIL, RCPT, storing) lives in session.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from typing import Any
+
+from aiosmtpd.smtp import SMTP, TLSSetupException, syntax
+
+from mssante.smtp import replies
+from mssante.smtp.data import DataProblem, DataReceiver
+from mssante.smtp.errors import SmtpError
+from mssante.smtp.replies import Reply
+
+log = logging.getLogger("mssante.smtp")
+
+READ_CHUNK = 256 * 1024
+
+_PROBLEM_REPLIES = {
+    DataProblem.BARE_LINE_ENDING: replies.BARE_LINE_ENDING,
+    DataProblem.NUL: replies.NUL_IN_DATA,
+    DataProblem.LINE_TOO_LONG: replies.LINE_TOO_LONG,
+}
+
+
+def new_log_id() -> str:
+    return secrets.token_hex(6)
+
+
+class GatewayProtocol(SMTP):
+    """One SMTP connection.  ``handler`` is a :class:`session.Policy`."""
+
+    def __init__(self, handler: Any, *, max_message_size: int, **kwargs: Any) -> None:
+        # SIZE is ours (session.py answers it from the reply table), so
+        # aiosmtpd's own check is off.
+        super().__init__(handler, data_size_limit=None, **kwargs)
+        self.max_message_size = max_message_size
+
+    async def reply(self, reply: Reply) -> None:
+        await self.push(str(reply))
+
+    async def handle_exception(self, error: Exception) -> str:
+        if isinstance(error, SmtpError):
+            log.info("refused: %s", error.reason)
+            return str(error.reply)
+        if isinstance(error, TLSSetupException):
+            # The client gave up the handshake; aiosmtpd closes the connection.
+            log.info("TLS handshake failed: %r", error.__cause__)
+            return ""
+        log_id = new_log_id()
+        log.error("internal error log_id=%s", log_id, exc_info=error)
+        return str(replies.INTERNAL_ERROR.format(log_id=log_id))
+
+    @syntax("DATA")
+    async def smtp_DATA(self, arg: str | None) -> None:
+        if await self.check_helo_needed():
+            return
+        if await self.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None
+        assert self.session is not None
+        if not self.envelope.rcpt_tos:
+            await self.reply(replies.NEED_RCPT)
+            return
+        if arg:
+            await self.reply(replies.DATA_SYNTAX)
+            return
+        policy = self.event_handler
+        spool = policy.new_spool()
+        try:
+            await self.reply(replies.START_DATA)
+            receiver = DataReceiver(spool.write, self.max_message_size)
+            await self._receive(receiver)
+            if receiver.problem is not None:
+                reply = (
+                    replies.SIZE_EXCEEDED.format(limit=self.max_message_size)
+                    if receiver.problem is DataProblem.TOO_BIG
+                    else _PROBLEM_REPLIES[receiver.problem]
+                )
+                log.info("DATA refused: %s", receiver.problem.value)
+                spool.discard()
+                await self.reply(reply)
+                return
+            reply = await policy.deliver(self.session, self.envelope, spool)
+        except BaseException:
+            spool.discard()
+            raise
+        finally:
+            self._set_post_data_state()  # type: ignore[no-untyped-call]
+        await self.reply(reply)
+
+    async def _receive(self, receiver: DataReceiver) -> None:
+        reader: Any = self._reader  # asyncio.StreamReader; _buffer used below
+        while True:
+            chunk = await reader.read(READ_CHUNK)
+            if not chunk:
+                # The peer closed mid-DATA: nothing was acknowledged.
+                raise ConnectionResetError("connection closed during DATA")
+            self._reset_timeout()
+            end = receiver.feed(chunk)
+            if end is not None:
+                rest = chunk[end:]
+                if rest:
+                    # RFC 2920: commands pipelined after the end of data go
+                    # back to the reader for the command loop.
+                    reader._buffer[0:0] = rest
+                return

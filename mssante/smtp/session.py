@@ -1,0 +1,148 @@
+"""Session policy: EHLO keywords, MAIL, RCPT and the hand-off to the store.
+
+aiosmtpd calls the ``handle_*`` hooks; replies come from replies.py.
+Recipients are decided by routing (a verdict per RCPT); accepted ones are
+remembered on the envelope with their patient id.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from mssante.clock import Clock
+from mssante.pseudonym import Pseudonymizer
+from mssante.routing.recipient import RecipientRouter
+from mssante.routing.verdict import Refuse
+from mssante.smtp import replies
+from mssante.smtp.protocol import GatewayProtocol, new_log_id
+from mssante.smtp.replies import Reply
+from mssante.smtp.trace import received_header
+from mssante.store.blobs import Spool
+from mssante.store.inbox import Recipient
+from mssante.store.mailstore import Envelope, StorageFullError
+
+log = logging.getLogger("mssante.smtp")
+
+
+# Stores a received message, returns once it is durable.
+Deliverer = Callable[[Envelope, Spool], Awaitable[object]]
+SpoolFactory = Callable[[], Spool]
+
+
+class Policy:
+    def __init__(
+        self,
+        *,
+        router: RecipientRouter,
+        deliver: Deliverer,
+        new_spool: SpoolFactory,
+        max_message_size: int,
+        pseudonym: Pseudonymizer,
+        hostname: str,
+        clock: Clock,
+    ) -> None:
+        self._hostname = hostname
+        self._clock = clock
+        self._router = router
+        self._deliver = deliver
+        self.new_spool = new_spool
+        self._max_size = max_message_size
+        self._pseudonym = pseudonym
+
+    async def handle_EHLO(
+        self,
+        server: GatewayProtocol,
+        session: Any,
+        envelope: Any,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        session.host_name = hostname
+        # RFC 1870 SIZE; the MAIL line may grow by " SIZE=nnnnnnnn".
+        server.command_size_limits["MAIL"] += 26
+        extra = [
+            f"250-SIZE {self._max_size}",
+            "250-PIPELINING",  # RFC 2920
+            "250-ENHANCEDSTATUSCODES",  # RFC 2034
+        ]
+        return [responses[0], *extra, *responses[1:]]
+
+    async def handle_MAIL(
+        self,
+        server: GatewayProtocol,
+        session: Any,
+        envelope: Any,
+        address: str,
+        mail_options: list[str],
+    ) -> str:
+        for option in mail_options:
+            name, _, value = option.partition("=")
+            if name == "SIZE":
+                if not value.isdigit():
+                    return str(replies.BAD_SIZE_PARAMETER)
+                if int(value) > self._max_size:
+                    # RFC 1870 6.1: refuse at once, before any data is sent.
+                    return str(replies.SIZE_DECLARED_TOO_BIG.format(limit=self._max_size))
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        envelope.accepted = []
+        return str(replies.SENDER_OK)
+
+    async def handle_RCPT(
+        self,
+        server: GatewayProtocol,
+        session: Any,
+        envelope: Any,
+        address: str,
+        rcpt_options: list[str],
+    ) -> str:
+        verdict = await self._router.route(address)
+        if isinstance(verdict, Refuse):
+            log.info("RCPT refused %s: %s", verdict.reply.enhanced, verdict.reason)
+            return str(verdict.reply)
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        envelope.accepted.append(Recipient(address, verdict.patient_id))
+        log.info(
+            "RCPT accepted ins=%s status=%s", self._pseudonym(verdict.ins), verdict.status.value
+        )
+        return str(replies.RECIPIENT_OK)
+
+    async def deliver(self, session: Any, envelope: Any, spool: Spool) -> Reply:
+        ref = secrets.token_hex(10)
+        at = self._clock.now()
+        tls = _tls_version(session)
+        helo = session.host_name
+        peer = session.peer[0] if session.peer else None
+        env = Envelope(
+            ref=ref,
+            received_at=at,
+            mail_from=envelope.mail_from,
+            recipients=list(envelope.accepted),
+            helo=helo,
+            peer=peer,
+            trace_header=received_header(
+                helo=helo, peer=peer, hostname=self._hostname, tls=tls, ref=ref, at=at
+            ),
+        )
+        try:
+            await self._deliver(env, spool)
+        except StorageFullError:
+            spool.discard()
+            log_id = new_log_id()
+            log.error("storage full log_id=%s", log_id, exc_info=True)
+            return replies.STORAGE_FULL.format(log_id=log_id)
+        log.info("stored ref=%s recipients=%d size=%d", ref, len(env.recipients), spool.size)
+        return replies.MESSAGE_STORED.format(ref=ref)
+
+
+def _tls_version(session: Any) -> str | None:
+    extra = session.ssl
+    if not isinstance(extra, dict):
+        return None
+    ssl_object = extra.get("ssl_object")
+    version: str | None = ssl_object.version() if ssl_object is not None else None
+    return version

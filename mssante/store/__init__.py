@@ -1,0 +1,1 @@
+"""Keeps: database, blobs, conversations, the audit trail and the notification outbox."""

@@ -1,0 +1,110 @@
+"""The audit trail: append-only events, hash-chained, never message content.
+
+Each event's ``hash`` is SHA-256 over its canonical JSON form, which
+includes the previous event's hash, so an edited, inserted or deleted event
+breaks the chain from that point on (``verify_chain``).  Appends happen
+inside the caller's transaction (STYLE.md 7) and are serialised by the
+store's single writer, so two events never claim the same predecessor.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from mssante.store.models import AuditEvent
+
+GENESIS = "0" * 64
+
+
+def event_hash(
+    *,
+    prev_hash: str,
+    occurred_at: datetime,
+    kind: str,
+    patient_id: int | None,
+    message_id: int | None,
+    actor: str,
+    details: dict[str, Any],
+) -> str:
+    canonical = json.dumps(
+        {
+            "prev": prev_hash,
+            "at": occurred_at.isoformat(),
+            "kind": kind,
+            "patient": patient_id,
+            "message": message_id,
+            "actor": actor,
+            "details": details,
+        },
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=True,
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+async def append(
+    session: AsyncSession,
+    *,
+    at: datetime,
+    kind: str,
+    actor: str,
+    patient_id: int | None = None,
+    message_id: int | None = None,
+    details: dict[str, Any] | None = None,
+) -> AuditEvent:
+    # Autoflush sends events added earlier in this transaction first, so the
+    # newest one is always found here.
+    prev = await session.scalar(select(AuditEvent.hash).order_by(AuditEvent.id.desc()).limit(1))
+    prev_hash = prev or GENESIS
+    details = details or {}
+    event = AuditEvent(
+        occurred_at=at,
+        kind=kind,
+        patient_id=patient_id,
+        message_id=message_id,
+        actor=actor,
+        details=details,
+        prev_hash=prev_hash,
+        hash=event_hash(
+            prev_hash=prev_hash,
+            occurred_at=at,
+            kind=kind,
+            patient_id=patient_id,
+            message_id=message_id,
+            actor=actor,
+            details=details,
+        ),
+    )
+    session.add(event)
+    await session.flush()
+    return event
+
+
+def verify_chain(events: Iterable[AuditEvent]) -> list[str]:
+    """Problems found walking the events in id order; empty when intact."""
+    problems: list[str] = []
+    prev_hash = GENESIS
+    for event in events:
+        if event.prev_hash != prev_hash:
+            problems.append(f"event {event.id}: chain broken (previous hash does not match)")
+        expected = event_hash(
+            prev_hash=event.prev_hash,
+            occurred_at=event.occurred_at,
+            kind=event.kind,
+            patient_id=event.patient_id,
+            message_id=event.message_id,
+            actor=event.actor,
+            details=event.details,
+        )
+        if event.hash != expected:
+            problems.append(f"event {event.id}: content does not match its hash")
+        prev_hash = event.hash
+    return problems

@@ -1,0 +1,164 @@
+"""The patient directory: look-ups for routing, changes for the CLI and admin.
+
+Reads use their own short sessions (they never wait for the writer on
+SQLite WAL); changes are writer jobs and are audited.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import date, datetime
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from mssante.routing.recipient import DirectoryEntry
+from mssante.store import audit
+from mssante.store.db import SessionMaker
+from mssante.store.models import LinkRole, Patient, PatientLink, ProfileStatus
+
+
+class Directory:
+    def __init__(self, sessions: SessionMaker) -> None:
+        self._sessions = sessions
+
+    async def lookup(self, ins: str) -> DirectoryEntry | None:
+        async with self._sessions() as session:
+            row = (
+                await session.execute(select(Patient.id, Patient.status).where(Patient.ins == ins))
+            ).first()
+        if row is None:
+            return None
+        return DirectoryEntry(patient_id=row[0], status=row[1])
+
+
+@dataclass(frozen=True, slots=True)
+class PatientRecord:
+    """One patient as given by an import file or the admin interface."""
+
+    ins: str
+    status: ProfileStatus
+    activation_email: str | None = None
+    insurer_email: str | None = None
+    given_name: str | None = None
+    family_name: str | None = None
+    birth_date: date | None = None
+    postal_address: str | None = None
+    representatives: tuple[str, ...] = ()
+    helpers: tuple[str, ...] = ()
+
+
+async def get_patient(session: AsyncSession, ins: str) -> Patient | None:
+    return await session.scalar(select(Patient).where(Patient.ins == ins))
+
+
+async def upsert_patient(
+    session: AsyncSession, record: PatientRecord, *, at: datetime, actor: str
+) -> Patient:
+    """Create or update one patient (links are set by :func:`set_links`)."""
+    patient = await get_patient(session, record.ins)
+    fields = {
+        "status": record.status,
+        "activation_email": record.activation_email,
+        "insurer_email": record.insurer_email,
+        "given_name": record.given_name,
+        "family_name": record.family_name,
+        "birth_date": record.birth_date,
+        "postal_address": record.postal_address,
+    }
+    if patient is None:
+        patient = Patient(
+            ins=record.ins,
+            email_invalid=False,
+            created_at=at,
+            updated_at=at,
+            activated_at=at if record.status is ProfileStatus.ACTIVATED else None,
+            **fields,
+        )
+        session.add(patient)
+        await session.flush()
+        await audit.append(
+            session,
+            at=at,
+            kind="patient.created",
+            actor=actor,
+            patient_id=patient.id,
+            details={"status": record.status.value},
+        )
+        return patient
+    changed = sorted(k for k, v in fields.items() if getattr(patient, k) != v)
+    if changed:
+        old_status = patient.status
+        for key, value in fields.items():
+            setattr(patient, key, value)
+        patient.updated_at = at
+        if record.status is ProfileStatus.ACTIVATED and patient.activated_at is None:
+            patient.activated_at = at
+        await audit.append(
+            session,
+            at=at,
+            kind="patient.updated",
+            actor=actor,
+            patient_id=patient.id,
+            details={"fields": changed, "status": [old_status.value, record.status.value]},
+        )
+    return patient
+
+
+async def set_links(
+    session: AsyncSession, patient: Patient, record: PatientRecord, *, at: datetime
+) -> None:
+    """Make the patient's links exactly those of the record."""
+    wanted: dict[str, LinkRole] = {ins: LinkRole.HELPER for ins in record.helpers}
+    wanted.update({ins: LinkRole.REPRESENTATIVE for ins in record.representatives})
+    adults = {
+        p.ins: p for p in await session.scalars(select(Patient).where(Patient.ins.in_(wanted)))
+    }
+    missing = set(wanted) - set(adults)
+    if missing:
+        raise LookupError(f"linked profiles not in the directory: {sorted(missing)}")
+    existing = {
+        link.adult_id: link
+        for link in await session.scalars(
+            select(PatientLink).where(PatientLink.patient_id == patient.id)
+        )
+    }
+    keep: set[int] = set()
+    for ins, role in wanted.items():
+        adult = adults[ins]
+        keep.add(adult.id)
+        link = existing.get(adult.id)
+        if link is None:
+            session.add(
+                PatientLink(patient_id=patient.id, adult_id=adult.id, role=role, created_at=at)
+            )
+        elif link.role is not role:
+            link.role = role
+    for adult_id, link in existing.items():
+        if adult_id not in keep:
+            await session.delete(link)
+    await session.flush()
+
+
+async def set_status(
+    session: AsyncSession, ins: str, status: ProfileStatus, *, at: datetime, actor: str
+) -> Patient:
+    patient = await get_patient(session, ins)
+    if patient is None:
+        raise LookupError("patient not found")
+    old = patient.status
+    if old is status:
+        return patient
+    patient.status = status
+    patient.updated_at = at
+    if status is ProfileStatus.ACTIVATED and patient.activated_at is None:
+        patient.activated_at = at
+    await audit.append(
+        session,
+        at=at,
+        kind="patient.status_changed",
+        actor=actor,
+        patient_id=patient.id,
+        details={"from": old.value, "to": status.value},
+    )
+    return patient

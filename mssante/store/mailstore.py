@@ -1,0 +1,78 @@
+"""From a received message to a durable, acknowledged one.
+
+1. in a worker thread: fsync the spool, rename it into the blob store,
+   fsync the directories, and read its metadata (mime.py, streaming);
+2. through the single writer: the message, deliveries, conversations,
+   notifications and audit events in one transaction (inbox.py);
+3. return the reference the ``250`` reply quotes.
+
+Nothing is acknowledged before step 2 committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+from dataclasses import dataclass
+from datetime import datetime
+
+from mssante.routing.trust import TrustSpace
+from mssante.store.blobs import BlobStore, Spool
+from mssante.store.inbox import IncomingMessage, Recipient, StoredMessage, store_message
+from mssante.store.mime import MessageSummary, summarize
+from mssante.store.writer import Writer
+
+_NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
+
+
+class StorageFullError(Exception):
+    """No space left for a message: answered 452 4.3.1."""
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """What the store needs to know of an SMTP transaction."""
+
+    ref: str
+    received_at: datetime
+    mail_from: str
+    recipients: list[Recipient]
+    helo: str | None
+    peer: str | None
+    trace_header: bytes
+
+
+class MailStore:
+    def __init__(self, *, blobs: BlobStore, writer: Writer, trust: TrustSpace) -> None:
+        self.blobs = blobs
+        self._writer = writer
+        self._trust = trust
+
+    def _persist(self, spool: Spool) -> tuple[str, MessageSummary]:
+        try:
+            spool.finish()
+            summary = summarize(spool.path)
+            key = self.blobs.commit(spool)
+        except OSError as exc:
+            if exc.errno in _NO_SPACE:
+                raise StorageFullError(str(exc)) from exc
+            raise
+        return key, summary
+
+    async def deliver(self, env: Envelope, spool: Spool) -> StoredMessage:
+        key, summary = await asyncio.to_thread(self._persist, spool)
+        incoming = IncomingMessage(
+            ref=env.ref,
+            received_at=env.received_at,
+            blob_key=key,
+            size=spool.size,
+            sha256=spool.sha256,
+            trace_header=env.trace_header,
+            mail_from=env.mail_from,
+            helo=env.helo,
+            peer=env.peer,
+            summary=summary,
+        )
+        return await self._writer.run(
+            lambda session: store_message(session, incoming, env.recipients, trust=self._trust)
+        )

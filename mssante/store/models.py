@@ -1,0 +1,299 @@
+"""The database schema (SQLAlchemy 2 declarative, async-friendly).
+
+Tables:
+- ``patients`` and ``patient_links``: the directory (DOMAIN.md 3, 4);
+- ``messages`` (one per received message), ``attachments``;
+- ``conversations`` and ``deliveries`` (one per accepted recipient);
+- ``contacts``: professionals a patient may write to (Reply-To);
+- ``notifications``: the transactional outbox of what to tell whom;
+- ``audit_events``: the hash-chained trail.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, date, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Date,
+    DateTime,
+    Enum,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """Aware UTC datetimes in, aware UTC datetimes out, on every database.
+
+    SQLite keeps no time zone: values are stored as naive UTC and given their
+    zone back when read, so comparisons never mix naive and aware values.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the database; use the injected clock")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, datetime: UtcDateTime}  # noqa: RUF012
+
+
+class ProfileStatus(enum.StrEnum):
+    """DOMAIN.md 3: the profile status decides what happens to a message."""
+
+    ACTIVATED = "activated"
+    CREATED = "created"  # created automatically, not activated yet
+    OPPOSED = "opposed"
+    CLOSED = "closed"
+
+    @property
+    def accepts_mail(self) -> bool:
+        return self in (ProfileStatus.ACTIVATED, ProfileStatus.CREATED)
+
+
+class LinkRole(enum.StrEnum):
+    REPRESENTATIVE = "representative"  # legal representative of a minor
+    HELPER = "helper"  # aidant: reads and writes on behalf, is not notified
+
+
+class Channel(enum.StrEnum):
+    EMAIL = "email"
+    POSTAL = "postal"
+
+
+class NotificationStatus(enum.StrEnum):
+    PENDING = "pending"
+    SENT = "sent"
+    FAILED = "failed"
+
+
+def _enum(cls: type[enum.Enum]) -> Enum:
+    # Stored as the value strings, checked by a CHECK constraint-free VARCHAR so
+    # adding a member needs no table rebuild on SQLite.
+    return Enum(
+        cls,
+        native_enum=False,
+        create_constraint=False,
+        length=16,
+        values_callable=lambda e: [m.value for m in e],
+    )
+
+
+class Patient(Base):
+    __tablename__ = "patients"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    ins: Mapped[str] = mapped_column(String(15), unique=True)
+    status: Mapped[ProfileStatus] = mapped_column(_enum(ProfileStatus))
+    # DOMAIN.md 3: activated -> address registered at activation;
+    # created -> address known to the insurer, else postal.
+    activation_email: Mapped[str | None] = mapped_column(String(320))
+    insurer_email: Mapped[str | None] = mapped_column(String(320))
+    email_invalid: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Name and postal block are what a postal activity statement needs.
+    given_name: Mapped[str | None] = mapped_column(String(200))
+    family_name: Mapped[str | None] = mapped_column(String(200))
+    birth_date: Mapped[date | None] = mapped_column(Date)
+    postal_address: Mapped[str | None] = mapped_column(Text)  # lines separated by "\n"
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+    activated_at: Mapped[datetime | None]
+
+    representatives: Mapped[list[PatientLink]] = relationship(
+        foreign_keys="PatientLink.patient_id", back_populates="patient", lazy="raise"
+    )
+
+
+class PatientLink(Base):
+    """A minor's (or assisted person's) profile attached to an adult profile."""
+
+    __tablename__ = "patient_links"
+    __table_args__ = (UniqueConstraint("patient_id", "adult_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    patient_id: Mapped[int] = mapped_column(ForeignKey("patients.id", ondelete="CASCADE"))
+    adult_id: Mapped[int] = mapped_column(ForeignKey("patients.id", ondelete="CASCADE"), index=True)
+    role: Mapped[LinkRole] = mapped_column(_enum(LinkRole))
+    created_at: Mapped[datetime]
+
+    patient: Mapped[Patient] = relationship(
+        foreign_keys=[patient_id], back_populates="representatives", lazy="raise"
+    )
+    adult: Mapped[Patient] = relationship(foreign_keys=[adult_id], lazy="raise")
+
+
+class Message(Base):
+    """One received message, stored once whatever the number of recipients."""
+
+    __tablename__ = "messages"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    ref: Mapped[str] = mapped_column(String(32), unique=True)  # public id, in the 250 reply
+    received_at: Mapped[datetime]
+    blob_key: Mapped[str] = mapped_column(String(64))
+    size: Mapped[int]
+    sha256: Mapped[str] = mapped_column(String(64))
+    # The trace header we add, kept beside the received bytes (STYLE.md 6).
+    trace_header: Mapped[bytes] = mapped_column(LargeBinary)
+    mail_from: Mapped[str] = mapped_column(String(320))
+    helo: Mapped[str | None] = mapped_column(String(255))
+    peer: Mapped[str | None] = mapped_column(String(64))
+    # Parsed metadata.
+    from_address: Mapped[str | None] = mapped_column(String(320), index=True)
+    from_name: Mapped[str | None] = mapped_column(String(300))
+    to_header: Mapped[str | None] = mapped_column(Text)
+    cc_header: Mapped[str | None] = mapped_column(Text)
+    subject: Mapped[str | None] = mapped_column(Text)
+    date_header: Mapped[str | None] = mapped_column(String(200))
+    message_id: Mapped[str | None] = mapped_column(String(998), index=True)
+    in_reply_to: Mapped[str | None] = mapped_column(Text)
+    references: Mapped[str | None] = mapped_column(Text)
+    reply_to: Mapped[str | None] = mapped_column(String(320))
+    mss_headers: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    disposition_notification_to: Mapped[str | None] = mapped_column(String(320))
+    mime_defects: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    broken_mime: Mapped[bool] = mapped_column(Boolean, default=False)
+
+    attachments: Mapped[list[Attachment]] = relationship(
+        back_populates="message", lazy="raise", order_by="Attachment.position"
+    )
+
+
+class Attachment(Base):
+    __tablename__ = "attachments"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    message_id: Mapped[int] = mapped_column(
+        ForeignKey("messages.id", ondelete="CASCADE"), index=True
+    )
+    position: Mapped[int]
+    filename: Mapped[str | None] = mapped_column(Text)
+    content_type: Mapped[str] = mapped_column(String(255))
+    size: Mapped[int]
+
+    message: Mapped[Message] = relationship(back_populates="attachments", lazy="raise")
+
+
+class Conversation(Base):
+    """DOMAIN.md 4: a patient's exchange with one professional."""
+
+    __tablename__ = "conversations"
+    __table_args__ = (Index("ix_conversations_patient_professional", "patient_id", "professional"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    patient_id: Mapped[int] = mapped_column(ForeignKey("patients.id", ondelete="CASCADE"))
+    professional: Mapped[str] = mapped_column(String(320))  # address, lower-case
+    professional_name: Mapped[str | None] = mapped_column(String(300))
+    subject: Mapped[str | None] = mapped_column(Text)
+    started_at: Mapped[datetime]
+    last_message_at: Mapped[datetime]
+    # DOMAIN.md 4: "[FIN]" or X-MSS-MES: FIN ends it; a later message reopens it.
+    ended_at: Mapped[datetime | None]
+    ended_by: Mapped[str | None] = mapped_column(String(320))
+
+
+class Delivery(Base):
+    """One message in one patient's mailbox."""
+
+    __tablename__ = "deliveries"
+    __table_args__ = (
+        UniqueConstraint("message_id", "patient_id"),
+        Index("ix_deliveries_patient_conversation", "patient_id", "conversation_id"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    message_id: Mapped[int] = mapped_column(ForeignKey("messages.id", ondelete="CASCADE"))
+    patient_id: Mapped[int] = mapped_column(ForeignKey("patients.id", ondelete="CASCADE"))
+    conversation_id: Mapped[int] = mapped_column(
+        ForeignKey("conversations.id", ondelete="CASCADE"), index=True
+    )
+    rcpt: Mapped[str] = mapped_column(String(320))  # RCPT TO as received
+    ends_conversation: Mapped[bool] = mapped_column(Boolean, default=False)
+    delivered_at: Mapped[datetime]
+    read_at: Mapped[datetime | None]
+    trashed_at: Mapped[datetime | None]
+
+    message: Mapped[Message] = relationship(lazy="raise")
+    conversation: Mapped[Conversation] = relationship(lazy="raise")
+
+
+class Contact(Base):
+    """A professional address the patient may write to (Reply-To, DOMAIN.md 4)."""
+
+    __tablename__ = "contacts"
+    __table_args__ = (UniqueConstraint("patient_id", "address"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    patient_id: Mapped[int] = mapped_column(ForeignKey("patients.id", ondelete="CASCADE"))
+    address: Mapped[str] = mapped_column(String(320))
+    conversation_id: Mapped[int | None] = mapped_column(
+        ForeignKey("conversations.id", ondelete="SET NULL")
+    )
+    source: Mapped[str] = mapped_column(String(32))
+    created_at: Mapped[datetime]
+
+
+class Notification(Base):
+    """Transactional outbox: what must be told to whom (DOMAIN.md 3)."""
+
+    __tablename__ = "notifications"
+    __table_args__ = (Index("ix_notifications_status_created", "status", "created_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    delivery_id: Mapped[int] = mapped_column(ForeignKey("deliveries.id", ondelete="CASCADE"))
+    # Whose mailbox received the message, and who is told (a representative
+    # for a minor).
+    patient_id: Mapped[int] = mapped_column(ForeignKey("patients.id", ondelete="CASCADE"))
+    recipient_id: Mapped[int] = mapped_column(
+        ForeignKey("patients.id", ondelete="CASCADE"), index=True
+    )
+    channel: Mapped[Channel] = mapped_column(_enum(Channel))
+    email: Mapped[str | None] = mapped_column(String(320))
+    status: Mapped[NotificationStatus] = mapped_column(
+        _enum(NotificationStatus), default=NotificationStatus.PENDING
+    )
+    created_at: Mapped[datetime]
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None]
+    sent_at: Mapped[datetime | None]
+    last_error: Mapped[str | None] = mapped_column(Text)
+
+
+class AuditEvent(Base):
+    """Append-only, hash-chained trail; never message content."""
+
+    __tablename__ = "audit_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    occurred_at: Mapped[datetime]
+    kind: Mapped[str] = mapped_column(String(64), index=True)
+    patient_id: Mapped[int | None] = mapped_column(Integer, index=True)
+    message_id: Mapped[int | None] = mapped_column(Integer)
+    actor: Mapped[str] = mapped_column(String(320))
+    details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(64), unique=True)

@@ -1,0 +1,120 @@
+"""The single writer: every change to the database goes through here.
+
+Jobs are coroutines taking the session.  The writer takes all the jobs
+waiting (up to ``max_batch``), runs them in one transaction and commits
+once (group commit): under load one fsync serves many messages, and each
+caller still resumes only after the commit that holds its own job.
+
+If a job fails, the batch is rolled back and each of its jobs is retried
+alone, so one bad job fails only its own caller.  Jobs must therefore be
+plain database work with no side effect outside the session.
+
+One writer per process also serialises the audit chain (audit.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from mssante.store.db import SessionMaker
+
+T = TypeVar("T")
+Job = Callable[[AsyncSession], Awaitable[Any]]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Pending:
+    job: Job
+    future: asyncio.Future[Any] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+
+class Writer:
+    def __init__(self, sessions: SessionMaker, *, max_batch: int = 64) -> None:
+        self._sessions = sessions
+        self._max_batch = max_batch
+        self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+        self.batches = 0
+        self.jobs = 0
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="store-writer")
+
+    async def stop(self) -> None:
+        """Finish the jobs already queued, then stop."""
+        if self._task is None:
+            return
+        await self._queue.join()
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        self._task = None
+
+    async def run(self, job: Callable[[AsyncSession], Awaitable[T]]) -> T:
+        """Run ``job`` in a transaction; return once that transaction committed."""
+        if self._task is None:
+            raise RuntimeError("store writer is not running")
+        pending = _Pending(job)
+        self._queue.put_nowait(pending)
+        result: T = await asyncio.shield(pending.future)
+        return result
+
+    async def _run(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            while len(batch) < self._max_batch and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            try:
+                await self._commit(batch)
+            finally:
+                for _ in batch:
+                    self._queue.task_done()
+
+    async def _commit(self, batch: list[_Pending]) -> None:
+        try:
+            results = await self._transaction(batch)
+        except Exception as exc:
+            if len(batch) == 1:
+                _fail(batch[0], exc)
+                return
+            log.warning(
+                "batch of %d failed (%s); retrying jobs one by one", len(batch), type(exc).__name__
+            )
+            for pending in batch:
+                try:
+                    (result,) = await self._transaction([pending])
+                except Exception as one_exc:
+                    _fail(pending, one_exc)
+                else:
+                    _succeed(pending, result)
+            return
+        self.batches += 1
+        self.jobs += len(batch)
+        for pending, result in zip(batch, results, strict=True):
+            _succeed(pending, result)
+
+    async def _transaction(self, batch: list[_Pending]) -> list[Any]:
+        async with self._sessions() as session, session.begin():
+            return [await p.job(session) for p in batch]
+
+
+def _succeed(pending: _Pending, result: Any) -> None:
+    if not pending.future.done():
+        pending.future.set_result(result)
+
+
+def _fail(pending: _Pending, exc: BaseException) -> None:
+    if not pending.future.done():
+        pending.future.set_exception(exc)
