@@ -28,6 +28,11 @@ from mssante.store.writer import Writer
 
 log = logging.getLogger("mssante")
 
+# aiosmtpd logs every command line, RCPT addresses (INS) included, at INFO,
+# and aiosqlite every SQL parameter at DEBUG: keep them to warnings so no
+# identity or content reaches the logs whatever the log level.
+QUIET_LOGGERS = ("mail.log", "aiosqlite")
+
 
 class Store:
     """Database engines, the single writer and the blob store of one data directory."""
@@ -86,6 +91,8 @@ class Gateway:
     def __init__(self, settings: Settings, *, clock: Clock | None = None) -> None:
         self.settings = settings
         self.clock = clock or SystemClock()
+        for name in QUIET_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
         self.store = Store(settings)
         self.pseudonym = Pseudonymizer.from_key_file(settings.store.data_dir / "pseudonym.key")
         mailstore = MailStore(

@@ -124,7 +124,7 @@ def _bad_key(ins: str) -> str:
         (f"{demo.ACTIVATED}@mssante.fr", 550, "5.7.1", "Relais refuse"),
         (f"{demo.ACTIVATED}@sub.{DOMAIN}", 550, "5.7.1", "Relais refuse"),
         # aiosmtpd's address parser refuses a trailing dot before routing sees it.
-        (f"{demo.ACTIVATED}@{DOMAIN}.", 553, "5.1.3", "malformed"),
+        (f"{demo.ACTIVATED}@{DOMAIN}.", 553, "5.1.3", "Adresse mal formee"),
         (f"{demo.ACTIVATED}@PATIENT.MSSANTE.FR", 250, "2.1.5", "Destinataire accepte"),
         (f"{demo.ACTIVATED[:14]}@{DOMAIN}", 550, "5.1.3", "15 caracteres"),
         (f"{demo.ACTIVATED}0@{DOMAIN}", 550, "5.1.3", "15 caracteres"),
@@ -153,7 +153,7 @@ async def test_rcpt_invalid_address_variants(
     assert got_code == code, text
     assert text.startswith(enhanced + " ")
     assert cause in text
-    if code == 550:
+    if code >= 500:
         assert " / " in text  # French cause, then English
 
 

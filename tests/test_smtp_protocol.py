@@ -212,3 +212,52 @@ async def test_starttls_with_dev_certificate(gateway: Gateway) -> None:
     await c.close()
     (m,) = await stored(gateway)
     assert b"with ESMTPS (TLSv1.3)" in m.trace_header
+
+
+async def test_every_reply_has_an_enhanced_code(gateway: Gateway) -> None:
+    """RFC 2034 3: with ENHANCEDSTATUSCODES advertised, every reply but the
+    greeting and the EHLO lines carries one, including aiosmtpd's own."""
+    c = await RawSmtp.connect("127.0.0.1", gateway.smtp.port)
+    assert (await c.cmd("MAIL FROM:<a@b.c>")).enhanced == "5.5.1"  # before EHLO
+    await c.cmd("EHLO client.test")
+    commands = [
+        "RCPT TO:<x@y.z>",  # before MAIL
+        "DATA",
+        "BOGUS",
+        "MAIL FROM:<<<>",
+        f"MAIL FROM:<{DOCTOR}> FOO=BAR",
+        f"MAIL FROM:<{DOCTOR}>",
+        f"MAIL FROM:<{DOCTOR}>",  # nested
+        "RCPT TO:<no-at-sign>",
+        "RCPT TO:<a@patient.mssante.fr.>",
+        "VRFY someone",
+        "EXPN list",
+        "NOOP",
+        "RSET",
+        "DATA extra",
+        "QUIT",
+    ]
+    for command in commands:
+        r = await c.cmd(command)
+        assert r.enhanced, f"{command!r} -> {r}"
+        assert r.enhanced[0] == str(r.code)[0], f"{command!r} -> {r}"
+    await c.close()
+
+
+async def test_logs_carry_no_ins_nor_content(
+    gateway: Gateway, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("DEBUG")
+    c = await RawSmtp.connect("127.0.0.1", gateway.smtp.port)
+    await c.cmd("EHLO client.test")
+    await c.cmd(f"MAIL FROM:<{DOCTOR}>")
+    for rcpt in (RCPT, f"{demo.OPPOSED}@patient.mssante.fr", f"{demo.ACTIVATED}@elsewhere.org"):
+        await c.cmd(f"RCPT TO:<{rcpt}>")
+    await c.cmd("DATA")
+    await c.send(b"Subject: Resultats VIH\r\n\r\nconfidentiel\r\n.\r\n")
+    assert (await c.reply()).code == 250
+    await c.close()
+    text = "\n".join(rec.getMessage() for rec in caplog.records)
+    assert "RCPT accepted ins=p-" in text
+    for secret in (demo.ACTIVATED, demo.OPPOSED, "VIH", "confidentiel"):
+        assert secret not in text

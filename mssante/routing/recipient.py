@@ -49,7 +49,8 @@ class RecipientRouter:
         if parts is None or parts[1] != self._domain:
             return Refuse(
                 replies.RELAY_DENIED.format(domain=self._domain),
-                f"relay: domain not served: {address!r}",
+                # The domain only: the local part may be an INS (no identity in logs).
+                f"relay: domain not served: {parts[1] if parts else 'none'!r}",
             )
         local, _ = parts
         ins = parse_ins(local)

@@ -48,9 +48,41 @@ class GatewayProtocol(SMTP):
         # aiosmtpd's own check is off.
         super().__init__(handler, data_size_limit=None, **kwargs)
         self.max_message_size = max_message_size
+        self._raw_replies = False
 
     async def reply(self, reply: Reply) -> None:
         await self.push(str(reply))
+
+    async def push(self, status: str | bytes) -> None:
+        # The greeting and EHLO/HELO lines carry no enhanced code (RFC 2034 3);
+        # every other reply does.
+        if isinstance(status, bytes):
+            await super().push(status)
+            return
+        if not self._raw_replies and not self._is_greeting(status):
+            status = replies.with_enhanced_code(status)
+        await super().push(status)
+
+    def _is_greeting(self, status: str) -> bool:
+        return status.startswith(f"220 {self.hostname} ")
+
+    @syntax("EHLO hostname")
+    async def smtp_EHLO(self, hostname: str) -> None:
+        await self._unmarked(super().smtp_EHLO, hostname)
+
+    @syntax("HELO hostname")
+    async def smtp_HELO(self, hostname: str) -> None:
+        await self._unmarked(super().smtp_HELO, hostname)
+
+    async def _unmarked(self, command: Any, arg: str) -> None:
+        if not arg:  # a syntax error is a normal reply
+            await command(arg)
+            return
+        self._raw_replies = True
+        try:
+            await command(arg)
+        finally:
+            self._raw_replies = False
 
     async def handle_exception(self, error: Exception) -> str:
         if isinstance(error, SmtpError):

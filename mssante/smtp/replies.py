@@ -70,10 +70,30 @@ MAILBOX_CLOSED = Reply(
     " / Mailbox closed: the patient closed or refused the messaging service",
 )
 
+# --- session -------------------------------------------------------------------
+OK = Reply(250, "2.0.0", "OK")
+BYE = Reply(221, "2.0.0", "Au revoir / Bye")
+READY_FOR_TLS = Reply(220, "2.0.0", "Pret pour TLS / Ready to start TLS")
+
 # --- sequence and syntax ------------------------------------------------------
 NEED_MAIL = Reply(503, "5.5.1", "Commande MAIL attendue d'abord / Need MAIL command first")
 NEED_RCPT = Reply(503, "5.5.1", "Aucun destinataire accepte / No valid recipients, need RCPT first")
 NESTED_MAIL = Reply(503, "5.5.1", "Commande MAIL deja recue / Nested MAIL command")
+MALFORMED_ADDRESS = Reply(553, "5.1.3", "Adresse mal formee / Malformed address (RFC 5321 4.1.2)")
+SYNTAX_ERROR = Reply(500, "5.5.2", "Erreur de syntaxe / Syntax error")
+COMMAND_TOO_LONG = Reply(
+    500, "5.5.2", "Ligne de commande trop longue / Command line too long (RFC 5321 4.5.3.1.4)"
+)
+UNKNOWN_COMMAND = Reply(500, "5.5.1", "Commande inconnue / Command not recognised")
+NOT_IMPLEMENTED = Reply(502, "5.5.1", "Commande non prise en charge / Command not implemented")
+ASCII_ONLY = Reply(
+    500, "5.6.7", "Caracteres non ASCII sans SMTPUTF8 / Non-ASCII octets need SMTPUTF8"
+)
+STARTTLS_FIRST = Reply(530, "5.7.0", "STARTTLS d'abord / Must issue a STARTTLS command first")
+HELO_FIRST = Reply(503, "5.5.1", "EHLO ou HELO d'abord / Send EHLO or HELO first")
+PARAMETER_UNKNOWN = Reply(
+    555, "5.5.4", "Parametre non reconnu / MAIL FROM or RCPT TO parameter not recognised"
+)
 DATA_SYNTAX = Reply(501, "5.5.4", "Syntaxe : DATA sans argument / Syntax: DATA takes no argument")
 BAD_SIZE_PARAMETER = Reply(501, "5.5.4", "Parametre SIZE invalide / Invalid SIZE parameter")
 
@@ -121,3 +141,50 @@ STORAGE_FULL = Reply(
     "Espace de stockage insuffisant, reessayez plus tard (ref {log_id})"
     " / Insufficient system storage, try again later",
 )
+
+
+# aiosmtpd answers command syntax itself.  We advertise ENHANCEDSTATUSCODES,
+# so every reply must carry an enhanced code (RFC 2034 3): its replies are
+# mapped here by their text; any other one gets the generic code of its
+# class (RFC 3463 3.x.0 / 5.5.x for syntax).
+AIOSMTPD_REPLIES: dict[str, Reply] = {
+    "250 OK": OK,
+    "221 Bye": BYE,
+    "220 Ready to start TLS": READY_FOR_TLS,
+    "503 Error: need MAIL command": NEED_MAIL,
+    "503 Error: nested MAIL command": NESTED_MAIL,
+    "503 Error: need RCPT command": NEED_RCPT,
+    "553 5.1.3 Error: malformed address": MALFORMED_ADDRESS,
+    "500 Error: bad syntax": SYNTAX_ERROR,
+    "500 Command line too long": COMMAND_TOO_LONG,
+    "500 Error: strict ASCII mode": ASCII_ONLY,
+    "530 Must issue a STARTTLS command first": STARTTLS_FIRST,
+    "502 EXPN not implemented": NOT_IMPLEMENTED,
+}
+_PREFIX_REPLIES: list[tuple[str, Reply]] = [
+    ("500 Error: command ", UNKNOWN_COMMAND),
+    ("503 Error: send HELO first", HELO_FIRST),
+    ("503 Error: send EHLO first", HELO_FIRST),
+    ("555 ", PARAMETER_UNKNOWN),
+]
+_CLASS_CODES = {2: "2.0.0", 3: "", 4: "4.0.0", 5: "5.5.0"}
+
+
+def with_enhanced_code(line: str) -> str:
+    """A reply line from aiosmtpd, with an enhanced code if it lacks one."""
+    known = AIOSMTPD_REPLIES.get(line)
+    if known is not None:
+        return str(known)
+    for prefix, reply in _PREFIX_REPLIES:
+        if line.startswith(prefix):
+            return str(reply)
+    code, sep, text = line.partition(" ")
+    if not (code.isdigit() and len(code) == 3 and sep):
+        return line
+    first = text.split(" ", 1)[0]
+    if first[:1] in "245" and first.count(".") == 2:
+        return line  # already has one
+    enhanced = _CLASS_CODES.get(int(code[0]), "")
+    if code in ("500", "501", "502", "504"):
+        enhanced = {"500": "5.5.2", "501": "5.5.4", "502": "5.5.1", "504": "5.5.4"}[code]
+    return f"{code} {enhanced} {text}" if enhanced else line

@@ -32,9 +32,11 @@ def make_engine(url: str, *, synchronous: str = "FULL", writer: bool = False) ->
     On SQLite readers begin deferred transactions (WAL lets them read while
     the writer writes); the writer begins IMMEDIATE and uses one connection.
     """
+    # hide_parameters: a database error must not write message fields
+    # (subjects, addresses, INS) into the log through its SQL parameters.
     if not is_sqlite(url):
-        return create_async_engine(url, pool_pre_ping=True)
-    kwargs: dict[str, Any] = {"connect_args": {"timeout": 30}}
+        return create_async_engine(url, pool_pre_ping=True, hide_parameters=True)
+    kwargs: dict[str, Any] = {"connect_args": {"timeout": 30}, "hide_parameters": True}
     if writer:
         kwargs.update(pool_size=1, max_overflow=0)
     engine = create_async_engine(url, **kwargs)

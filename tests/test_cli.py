@@ -1,0 +1,128 @@
+"""The Quick start path as a newcomer runs it: real processes, real sockets."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from mssante import demo
+
+pytestmark = pytest.mark.slow
+
+
+def _env(data_dir: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        MSSANTE_STORE__DATA_DIR=str(data_dir),
+        MSSANTE_SMTP__HOST="127.0.0.1",
+        MSSANTE_SMTP__PORT="0",
+        PYTHONUNBUFFERED="1",
+        COLUMNS="200",  # rich tables: no wrapping in the assertions
+    )
+    return env
+
+
+def mssante(
+    data_dir: Path, *args: str, port: int | None = None
+) -> subprocess.CompletedProcess[str]:
+    env = _env(data_dir)
+    if port is not None:
+        env["MSSANTE_SMTP__PORT"] = str(port)
+    return subprocess.run(
+        [sys.executable, "-m", "mssante", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[tuple[Path, int]]:
+    data_dir = tmp_path / "data"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mssante", "serve", "--demo"],
+        env=_env(data_dir),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        port = None
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 60
+        while port is None and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            m = re.search(r"SMTP on 127\.0\.0\.1:(\d+)", line)
+            if m:
+                port = int(m.group(1))
+        assert port, "server did not print its address"
+        yield data_dir, port
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            assert proc.wait(timeout=30) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            if proc.stdout is not None:
+                proc.stdout.close()
+
+
+def test_quick_start_demo_message_is_delivered(server: tuple[Path, int]) -> None:
+    data_dir, port = server
+    sent = mssante(data_dir, "send-test", "--port", str(port))
+    assert sent.returncode == 0, sent.stderr
+    assert "2.0.0 Message enregistre" in sent.stdout
+    box = mssante(data_dir, "mailbox", demo.ACTIVATED)
+    assert box.returncode == 0, box.stderr
+    assert "Compte rendu de consultation" in box.stdout
+    assert "Dr Alice Durand" in box.stdout
+
+
+def test_send_test_to_opposed_profile_is_refused(server: tuple[Path, int]) -> None:
+    data_dir, port = server
+    sent = mssante(data_dir, "send-test", "--port", str(port), "--to", demo.OPPOSED)
+    assert sent.returncode == 1
+    assert "550 5.2.1 Messagerie fermee" in sent.stderr
+
+
+def test_set_status_applies_at_once_to_the_running_server(server: tuple[Path, int]) -> None:
+    data_dir, port = server
+    changed = mssante(data_dir, "patients", "set-status", demo.ACTIVATED, "closed")
+    assert changed.returncode == 0, changed.stderr
+    sent = mssante(data_dir, "send-test", "--port", str(port))
+    assert sent.returncode == 1
+    assert "5.2.1" in sent.stderr
+    shown = mssante(data_dir, "patients", "show", demo.ACTIVATED)
+    assert re.search(r"status\s+.*closed", shown.stdout)
+
+
+def test_patients_show_lists_links(tmp_path: Path, server: tuple[Path, int]) -> None:
+    data_dir, _ = server
+    shown = mssante(data_dir, "patients", "show", demo.MINOR)
+    assert shown.returncode == 0, shown.stderr
+    assert demo.ACTIVATED in shown.stdout
+    assert "representative" in shown.stdout
+    bad = mssante(data_dir, "patients", "show", "123")
+    assert bad.returncode == 2
+    assert "not a valid INS" in bad.stderr
+
+
+def test_config_check_reports_key_and_value(tmp_path: Path) -> None:
+    f = tmp_path / "bad.toml"
+    f.write_text("[smtp]\nmax_message_size = -1\n")
+    out = mssante(tmp_path, "config", "check", str(f))
+    assert out.returncode == 1
+    assert "smtp.max_message_size = -1" in out.stderr
