@@ -437,7 +437,10 @@ def patients_import(ctx: click.Context, file: Path, fmt: str | None, skip_invali
                 progress=lambda n: progress.advance(task, n),
             )
 
-    report = _run(_with_store(settings, run))
+    try:
+        report = _run(_with_store(settings, run))
+    except (ValueError, RuntimeError) as exc:
+        raise click.ClickException(str(exc)) from exc
     for err in report.errors:
         click.echo(f"{file}:{err.line}: {err.reason}", err=True)
     click.echo(
@@ -445,5 +448,5 @@ def patients_import(ctx: click.Context, file: Path, fmt: str | None, skip_invali
         f"{report.unchanged} unchanged, {len(report.errors)} invalid"
         + ("" if report.imported else " - nothing imported")
     )
-    if report.errors:
+    if report.errors and not (skip_invalid and report.imported):
         sys.exit(1)

@@ -126,3 +126,27 @@ def test_config_check_reports_key_and_value(tmp_path: Path) -> None:
     out = mssante(tmp_path, "config", "check", str(f))
     assert out.returncode == 1
     assert "smtp.max_message_size = -1" in out.stderr
+
+
+def test_patients_import_reports_line_and_imports_nothing_on_error(tmp_path: Path) -> None:
+    from mssante.routing.ins import with_key
+
+    good = with_key("1850575123401")
+    f = tmp_path / "patients.csv"
+    f.write_text(
+        "ins,status,activation_email\n"
+        f"{good},activated,a@example.org\n"
+        f"{good[:13]}00,created,\n"
+    )
+    data_dir = tmp_path / "data"
+    out = mssante(data_dir, "patients", "import", str(f))
+    assert out.returncode == 1
+    assert f"{f}:3: ins: key does not match" in out.stderr
+    assert "nothing imported" in out.stdout
+    assert mssante(data_dir, "patients", "show", good).returncode == 1
+
+    out = mssante(data_dir, "patients", "import", "--skip-invalid", str(f))
+    assert out.returncode == 0, out.stderr
+    assert "1 created" in out.stdout
+    shown = mssante(data_dir, "patients", "show", good)
+    assert "activated" in shown.stdout
