@@ -24,6 +24,7 @@ from mssante.store.blobs import BlobStore
 from mssante.store.db import SessionMaker, create_schema, make_engine, make_sessionmaker
 from mssante.store.directory import Directory
 from mssante.store.mailstore import MailStore
+from mssante.store.reading import read_original
 from mssante.store.writer import Writer
 
 log = logging.getLogger("mssante")
@@ -57,6 +58,10 @@ class Store:
         self.blobs.prepare()
         await create_schema(self.write_engine)
         self.writer.start()
+
+    async def read_original(self, ref: str) -> bytes:
+        """Message ``ref`` exactly as received (raises MessageNotFoundError)."""
+        return await read_original(self.reads, self.blobs, ref)
 
     async def close(self) -> None:
         await self.writer.stop()

@@ -134,9 +134,7 @@ def test_patients_import_reports_line_and_imports_nothing_on_error(tmp_path: Pat
     good = with_key("1850575123401")
     f = tmp_path / "patients.csv"
     f.write_text(
-        "ins,status,activation_email\n"
-        f"{good},activated,a@example.org\n"
-        f"{good[:13]}00,created,\n"
+        f"ins,status,activation_email\n{good},activated,a@example.org\n{good[:13]}00,created,\n"
     )
     data_dir = tmp_path / "data"
     out = mssante(data_dir, "patients", "import", str(f))

@@ -143,15 +143,15 @@ def summarize(path: pathlib.Path) -> MessageSummary:
     wrong afterwards, including a read error, is reported in the summary.
     """
     with path.open("rb", buffering=_READ_BUFFER) as stream:
-        return _summarize_stream(stream)
+        return summarize_stream(stream)
 
 
 def summarize_bytes(data: bytes) -> MessageSummary:
     """Summarize a message held in memory (tests, small inputs)."""
-    return _summarize_stream(io.BytesIO(data))
+    return summarize_stream(io.BytesIO(data))
 
 
-def _summarize_stream(stream: BinaryIO) -> MessageSummary:
+def summarize_stream(stream: BinaryIO) -> MessageSummary:
     parser = _Parser(stream)
     try:
         parser.run()
