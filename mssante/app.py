@@ -21,8 +21,10 @@ from mssante.smtp.listener import SmtpListener
 from mssante.smtp.session import Policy
 from mssante.smtp.tls import ensure_dev_certificate, server_context
 from mssante.store.blobs import BlobStore
+from mssante.store.crypto import load_key_provider
 from mssante.store.db import SessionMaker, create_schema, make_engine, make_sessionmaker
 from mssante.store.directory import Directory
+from mssante.store.keys import Keyring
 from mssante.store.mailstore import MailStore
 from mssante.store.reading import read_original
 from mssante.store.writer import Writer
@@ -52,6 +54,9 @@ class Store:
         self.writer = Writer(self.writer_sessions, max_batch=settings.store.max_batch)
         self.blobs = BlobStore(self.data_dir)
         self.directory = Directory(self.reads)
+        self.keyring = Keyring(
+            load_key_provider(settings.store.keys_path(), create=settings.store.create_master_key)
+        )
 
     async def open(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -61,7 +66,7 @@ class Store:
 
     async def read_original(self, ref: str) -> bytes:
         """Message ``ref`` exactly as received (raises MessageNotFoundError)."""
-        return await read_original(self.reads, self.blobs, ref)
+        return await read_original(self.reads, self.blobs, self.keyring, ref)
 
     async def close(self) -> None:
         await self.writer.stop()
@@ -101,7 +106,10 @@ class Gateway:
         self.store = Store(settings)
         self.pseudonym = Pseudonymizer.from_key_file(settings.store.data_dir / "pseudonym.key")
         mailstore = MailStore(
-            blobs=self.store.blobs, writer=self.store.writer, trust=trust_space(settings)
+            blobs=self.store.blobs,
+            writer=self.store.writer,
+            trust=trust_space(settings),
+            keyring=self.store.keyring,
         )
         smtp = settings.smtp
         policy = Policy(

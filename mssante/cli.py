@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable
@@ -23,9 +24,10 @@ from mssante.app import Gateway, Store
 from mssante.clock import SystemClock
 from mssante.routing.ins import InsError, parse_ins
 from mssante.settings import Settings, SettingsError, example_toml, load_settings
+from mssante.store import audit
 from mssante.store import directory as dirops
+from mssante.store.keys import KeyDestroyedError
 from mssante.store.models import (
-    Attachment,
     Conversation,
     Delivery,
     Message,
@@ -34,6 +36,7 @@ from mssante.store.models import (
     PatientLink,
     ProfileStatus,
 )
+from mssante.store.reading import conversation_names, message_key, view
 
 T = TypeVar("T")
 console = Console(stderr=True)
@@ -107,6 +110,75 @@ def config_check(file: Path) -> None:
     except SettingsError as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"{file}: ok")
+
+
+# --- keys -------------------------------------------------------------------------------
+
+
+@main.group()
+def keys() -> None:
+    """Master keys (encryption at rest)."""
+
+
+@keys.command("rotate")
+@click.option("--batch", default=1000, show_default=True, help="Data keys re-wrapped per commit.")
+@click.pass_context
+def keys_rotate(ctx: click.Context, batch: int) -> None:
+    """Make a new master key current and re-wrap every data key under it.
+
+    Message bodies are not re-encrypted.  If interrupted, run it again: it
+    finishes the rotation in progress before starting a new one.
+    """
+    from mssante.store.crypto import load_key_provider, new_key_file, set_current
+
+    settings = _settings(ctx)
+    directory = settings.store.keys_path()
+    clock = SystemClock()
+
+    async def rotate(store: Store) -> tuple[str, int]:
+        pending = await store.writer.run(store.keyring.pending_rotation)
+        if pending == 0:
+            if settings.store.keys_dir is None and "MSSANTE_MASTER_KEY" in os.environ:
+                raise click.ClickException(
+                    "the current key comes from MSSANTE_MASTER_KEY: set a new value there instead"
+                )
+            mk = new_key_file(directory)
+            set_current(directory, mk.id)
+            store.keyring.provider = load_key_provider(directory)
+        total = 0
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+        ) as progress:
+            remaining = await store.writer.run(store.keyring.pending_rotation)
+            task = progress.add_task("re-wrapping data keys", total=remaining)
+            while True:
+                n = await store.writer.run(
+                    lambda s: store.keyring.rewrap_batch(s, at=clock.now(), limit=batch)
+                )
+                if n == 0:
+                    break
+                total += n
+                progress.advance(task, n)
+            current = store.keyring.provider.current().id
+
+            async def audit_job(session: Any) -> None:
+                await audit.append(
+                    session,
+                    at=clock.now(),
+                    kind="keys.rotated",
+                    actor="cli",
+                    details={"master_key": current, "rewrapped": total},
+                )
+
+            await store.writer.run(audit_job)
+        return current, total
+
+    current, total = _run(_with_store(settings, rotate))
+    click.echo(f"current master key {current}; {total} data keys re-wrapped")
 
 
 # --- serve ---------------------------------------------------------------------------
@@ -288,24 +360,25 @@ def mailbox(ctx: click.Context, ins: str) -> None:
             for col in ("conv", "from", "subject", "received", "size", "attachments", "state"):
                 table.add_column(col)
             for conv, delivery, message in rows:
-                n = await session.scalar(
-                    select(func.count())
-                    .select_from(Attachment)
-                    .where(Attachment.message_id == message.id)
-                )
+                key = await message_key(session, store.keyring, message, patient.id)
+                meta = view(message, key)
+                names = await conversation_names(session, store.keyring, conv)
                 state = "ended" if conv.ended_at else "open"
                 table.add_row(
                     str(conv.id),
-                    conv.professional_name or conv.professional,
-                    message.subject or "",
+                    names["name"] or conv.professional,
+                    meta.subject or "",
                     f"{delivery.delivered_at:%Y-%m-%d %H:%M}",
                     str(message.size),
-                    str(n),
+                    ", ".join(a.name or a.type for a in meta.attachments),
                     state,
                 )
             Console().print(table)
 
-    _run(_with_store(_settings(ctx), show))
+    try:
+        _run(_with_store(_settings(ctx), show))
+    except KeyDestroyedError as exc:
+        raise click.ClickException(f"erased profile, nothing readable ({exc})") from exc
 
 
 # --- patients --------------------------------------------------------------------------
@@ -394,6 +467,29 @@ def patients_set_status(ctx: click.Context, ins: str, status: str) -> None:
         return await store.writer.run(job)
 
     click.echo(f"{ins}: {_run(_with_store(_settings(ctx), change))}")
+
+
+@patients.command("erase")
+@click.argument("ins", callback=lambda _c, _p, v: _valid_ins(v))
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.pass_context
+def patients_erase(ctx: click.Context, ins: str, yes: bool) -> None:
+    """Crypto-shred a closed profile: destroy its data key (audited, irreversible)."""
+    if not yes:
+        click.confirm(f"Destroy the data key of {ins}? Its messages become unreadable", abort=True)
+    clock = SystemClock()
+
+    async def erase(store: Store) -> bool:
+        async def job(session: Any) -> bool:
+            try:
+                return await dirops.erase_patient(session, ins, at=clock.now(), actor="cli")
+            except (LookupError, ValueError) as exc:
+                raise click.ClickException(str(exc)) from exc
+
+        return await store.writer.run(job)
+
+    had_key = _run(_with_store(_settings(ctx), erase))
+    click.echo(f"{ins}: data key destroyed" if had_key else f"{ins}: had no data key; marked")
 
 
 @patients.command("import")

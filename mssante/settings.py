@@ -55,6 +55,19 @@ class StoreSettings(_Section):
         "FULL", pattern="^(FULL|EXTRA)$", description="SQLite synchronous pragma (durability)."
     )
     max_batch: int = Field(64, ge=1, description="Largest number of deliveries committed together.")
+    keys_dir: Path | None = Field(
+        None,
+        description="Master key files (<id>.key, 'current'); default data_dir/keys."
+        " MSSANTE_MASTER_KEY (base64) adds one and makes it current.",
+    )
+    create_master_key: bool = Field(
+        True,
+        description="Create a first master key when there is none (development);"
+        " set false in production so a missing key stops the start.",
+    )
+
+    def keys_path(self) -> Path:
+        return self.keys_dir or self.data_dir / "keys"
 
     def url(self) -> str:
         if self.database_url:

@@ -148,3 +148,22 @@ def test_patients_import_reports_line_and_imports_nothing_on_error(tmp_path: Pat
     assert "1 created" in out.stdout
     shown = mssante(data_dir, "patients", "show", good)
     assert "activated" in shown.stdout
+
+
+def test_keys_rotate_and_erase_from_the_command_line(server: tuple[Path, int]) -> None:
+    data_dir, port = server
+    assert mssante(data_dir, "send-test", "--port", str(port)).returncode == 0
+    out = mssante(data_dir, "keys", "rotate")
+    assert out.returncode == 0, out.stderr
+    assert "1 data keys re-wrapped" in out.stdout
+    assert len(list((data_dir / "keys").glob("*.key"))) == 2
+    box = mssante(data_dir, "mailbox", demo.ACTIVATED)
+    assert "Compte rendu de consultation" in box.stdout
+
+    refused = mssante(data_dir, "patients", "erase", "--yes", demo.ACTIVATED)
+    assert refused.returncode == 1
+    assert "close it before erasing" in refused.stderr
+    assert mssante(data_dir, "patients", "set-status", demo.ACTIVATED, "closed").returncode == 0
+    erased = mssante(data_dir, "patients", "erase", "--yes", demo.ACTIVATED)
+    assert erased.returncode == 0, erased.stderr
+    assert "data key destroyed" in erased.stdout

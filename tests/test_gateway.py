@@ -16,7 +16,6 @@ from mssante.routing.ins import with_key
 from mssante.smtp import replies
 from mssante.store.audit import verify_chain
 from mssante.store.models import (
-    Attachment,
     AuditEvent,
     Channel,
     Contact,
@@ -26,6 +25,7 @@ from mssante.store.models import (
     Notification,
     Patient,
 )
+from mssante.store.reading import read_view
 from tests.conftest import FakeClock
 from tests.rawsmtp import RawSmtp
 
@@ -193,15 +193,18 @@ async def test_stored_bytes_are_exactly_what_was_sent(gateway: Gateway) -> None:
     async with aiosmtplib.SMTP(hostname="127.0.0.1", port=gateway.smtp.port, start_tls=False) as c:
         await c.sendmail(DOCTOR, [addr(demo.ACTIVATED)], raw)
     (message,) = await rows(gateway, select(Message))
-    assert gateway.store.blobs.read(message.blob_key) == raw
+    assert await gateway.store.read_original(message.ref) == raw
     assert message.size == len(raw)
     assert message.trace_header.startswith(b"Received: from ")
     assert message.ref.encode() in message.trace_header
-    assert message.subject == "Compte rendu"
     assert message.from_address == DOCTOR
-    assert message.from_name == "Dr Alice Durand"
-    (att,) = await rows(gateway, select(Attachment))
-    assert (att.filename, att.content_type, att.size) == ("cr.pdf", "application/pdf", 15)
+    meta = await read_view(gateway.store.reads, gateway.store.keyring, message.ref)
+    assert meta.subject == "Compte rendu"
+    assert meta.from_name == "Dr Alice Durand"
+    assert [(a.name, a.type, a.size) for a in meta.attachments] == [
+        ("cr.pdf", "application/pdf", 15)
+    ]
+    assert message.attachment_count == 1
 
 
 async def test_message_survives_restart_byte_identical(data_dir, clock: FakeClock) -> None:  # type: ignore[no-untyped-def]
@@ -222,7 +225,7 @@ async def test_message_survives_restart_byte_identical(data_dir, clock: FakeCloc
     await gw2.start()
     try:
         (message,) = await rows(gw2, select(Message))
-        assert gw2.store.blobs.read(message.blob_key) == raw
+        assert await gw2.store.read_original(message.ref) == raw
         (delivery,) = await rows(gw2, select(Delivery))
         assert delivery.patient_id == await patient_id(gw2, demo.ACTIVATED)
     finally:
@@ -241,7 +244,7 @@ async def test_broken_mime_is_stored_and_flagged(gateway: Gateway) -> None:
     assert text.startswith("2.0.0")
     (message,) = await rows(gateway, select(Message))
     assert message.broken_mime
-    assert gateway.store.blobs.read(message.blob_key) == raw
+    assert await gateway.store.read_original(message.ref) == raw
 
 
 # --- conversations --------------------------------------------------------------------------
@@ -383,7 +386,11 @@ async def test_concurrent_sessions_all_stored(gateway: Gateway) -> None:
     texts = await asyncio.gather(*(one(i) for i in range(30)))
     assert all(t.startswith("2.0.0") for t in texts)
     messages = await rows(gateway, select(Message))
-    assert sorted(m.subject for m in messages) == sorted(f"n{i}" for i in range(30))
+    subjects = [
+        (await read_view(gateway.store.reads, gateway.store.keyring, m.ref)).subject
+        for m in messages
+    ]
+    assert sorted(subjects) == sorted(f"n{i}" for i in range(30))
     refs = {t.split()[4] for t in texts}
     assert refs == {m.ref for m in messages}
     events = await rows(gateway, select(AuditEvent).order_by(AuditEvent.id))

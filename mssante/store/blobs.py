@@ -1,7 +1,8 @@
-"""Message bodies on the filesystem, written so that a commit means "on disk".
+"""Message bodies on the filesystem, encrypted, written so that a commit means "on disk".
 
 A message arrives into a *spool* file while DATA is read (never wholly in
-memory).  :meth:`BlobStore.commit` then fsyncs it, renames it into a fan-out
+memory), encrypted as it arrives under its own message key (crypto.py): no
+plaintext ever touches the disk.  :meth:`BlobStore.commit` then fsyncs it, renames it into a fan-out
 directory (``blobs/ab/cd/<key>``) and fsyncs the directories touched, so the
 rename itself is durable (POSIX: a rename is only persistent once its
 directory is synced).  Only then does the database transaction that points
@@ -15,10 +16,13 @@ S3-compatible store can take its place.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import secrets
 from pathlib import Path
 from typing import BinaryIO
+
+from mssante.store.crypto import SEGMENT, StreamDecryptor, StreamEncryptor
 
 
 def _fsync_dir(path: Path) -> None:
@@ -30,16 +34,18 @@ def _fsync_dir(path: Path) -> None:
 
 
 class Spool:
-    """A message being received: bytes go to a temp file, hashed on the way."""
+    """A message being received: bytes are hashed and encrypted into a temp file."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, key: bytes) -> None:
         self.path = path
-        self._file: BinaryIO = open(path, "xb")  # noqa: SIM115 - closed by close()/discard()
+        self.key = key
+        self._file: BinaryIO = open(path, "xb")  # noqa: SIM115 - closed by finish()/discard()
+        self._encryptor = StreamEncryptor(key, self._file)
         self._hash = hashlib.sha256()
         self.size = 0
 
     def write(self, data: bytes | memoryview) -> None:
-        self._file.write(data)
+        self._encryptor.write(data)
         self._hash.update(data)
         self.size += len(data)
 
@@ -51,9 +57,17 @@ class Spool:
         """Flush and fsync (once); blocking, call from a worker thread."""
         if self._file.closed:
             return
+        self._encryptor.finish()
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
+
+    def open_plain(self) -> BinaryIO:
+        """Read back what was received (after :meth:`finish`), decrypting."""
+        return io.BufferedReader(
+            StreamDecryptor(self.key, open(self.path, "rb")),
+            buffer_size=SEGMENT,
+        )
 
     def discard(self) -> None:
         if not self._file.closed:
@@ -77,7 +91,7 @@ class BlobStore:
             leftover.unlink(missing_ok=True)
 
     def new_spool(self) -> Spool:
-        return Spool(self.spool_dir / f"{secrets.token_hex(16)}.tmp")
+        return Spool(self.spool_dir / f"{secrets.token_hex(16)}.tmp", secrets.token_bytes(32))
 
     def path_of(self, key: str) -> Path:
         return self.blob_dir / key[:2] / key[2:4] / key
@@ -100,11 +114,16 @@ class BlobStore:
             _fsync_dir(directory.parent)
         return key
 
-    def open(self, key: str) -> BinaryIO:
-        return open(self.path_of(key), "rb")
+    def open(self, key: str, message_key: bytes) -> BinaryIO:
+        """The plaintext as a stream; reading raises DecryptionError if altered."""
+        return io.BufferedReader(
+            StreamDecryptor(message_key, open(self.path_of(key), "rb")),
+            buffer_size=SEGMENT,
+        )
 
-    def read(self, key: str) -> bytes:
-        return self.path_of(key).read_bytes()
+    def read(self, key: str, message_key: bytes) -> bytes:
+        with self.open(key, message_key) as f:
+            return f.read()
 
     def delete(self, key: str) -> None:
         self.path_of(key).unlink(missing_ok=True)

@@ -18,6 +18,7 @@ from datetime import datetime
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from mssante.store.keys import conversation_context, seal_json, unseal_json
 from mssante.store.models import Conversation, Delivery, Message
 
 
@@ -49,9 +50,21 @@ async def find_conversation(
     )
 
 
+def seal_conversation(dek: bytes, patient_id: int, name: str | None, subject: str | None) -> bytes:
+    return seal_json(dek, {"name": name, "subject": subject}, conversation_context(patient_id))
+
+
+def open_conversation(dek: bytes, conv: Conversation) -> dict[str, str | None]:
+    value: dict[str, str | None] = unseal_json(
+        dek, conv.sealed, conversation_context(conv.patient_id)
+    )
+    return value
+
+
 async def thread(
     session: AsyncSession,
     *,
+    dek: bytes,
     patient_id: int,
     professional: str,
     professional_name: str | None,
@@ -67,8 +80,7 @@ async def thread(
         conv = Conversation(
             patient_id=patient_id,
             professional=professional,
-            professional_name=professional_name,
-            subject=subject,
+            sealed=seal_conversation(dek, patient_id, professional_name, subject),
             started_at=at,
             last_message_at=at,
             ended_at=None,
@@ -78,7 +90,11 @@ async def thread(
     else:
         conv.last_message_at = max(conv.last_message_at, at)
         if professional_name and professional == conv.professional:
-            conv.professional_name = professional_name
+            names = open_conversation(dek, conv)
+            if names["name"] != professional_name:
+                conv.sealed = seal_conversation(
+                    dek, patient_id, professional_name, names["subject"]
+                )
     if fin:
         conv.ended_at = at
         conv.ended_by = professional

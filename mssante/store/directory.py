@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from mssante.routing.recipient import DirectoryEntry
 from mssante.store import audit
 from mssante.store.db import SessionMaker
+from mssante.store.keys import Keyring
 from mssante.store.models import LinkRole, Patient, PatientLink, ProfileStatus
 
 
@@ -162,3 +163,27 @@ async def set_status(
         details={"from": old.value, "to": status.value},
     )
     return patient
+
+
+async def erase_patient(session: AsyncSession, ins: str, *, at: datetime, actor: str) -> bool:
+    """Crypto-shred a closed or opposed profile: destroy its data key (audited).
+
+    Messages stored for this patient become unreadable at once; the same
+    message stays readable for its other recipients, who hold their own
+    copy of its key.
+    """
+    patient = await get_patient(session, ins)
+    if patient is None:
+        raise LookupError("patient not found")
+    if patient.status.accepts_mail:
+        raise ValueError(f"profile is {patient.status.value}: close it before erasing")
+    had_key = await Keyring.destroy(session, patient.id, at=at)
+    await audit.append(
+        session,
+        at=at,
+        kind="patient.erased",
+        actor=actor,
+        patient_id=patient.id,
+        details={"data_key_destroyed": had_key},
+    )
+    return had_key

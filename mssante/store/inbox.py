@@ -19,9 +19,10 @@ from mssante.notify.planner import Profile, plan
 from mssante.routing.trust import TrustSpace
 from mssante.store import audit
 from mssante.store.conversations import is_fin, thread
+from mssante.store.crypto import seal
+from mssante.store.keys import Keyring, message_key_context, message_meta_context, seal_json
 from mssante.store.mime import MessageSummary
 from mssante.store.models import (
-    Attachment,
     Contact,
     Delivery,
     LinkRole,
@@ -38,6 +39,7 @@ class IncomingMessage:
     ref: str
     received_at: datetime
     blob_key: str
+    message_key: bytes
     size: int
     sha256: str
     trace_header: bytes
@@ -58,6 +60,24 @@ class StoredMessage:
     message_id: int
     delivery_ids: list[int]
     notification_ids: list[int]
+
+
+def sealed_metadata(incoming: IncomingMessage) -> dict[str, object]:
+    """Everything of the message that may carry health information."""
+    s = incoming.summary
+    return {
+        "from_name": s.from_name,
+        "to": s.to,
+        "cc": s.cc,
+        "subject": s.subject,
+        "date": s.date,
+        "mss_headers": dict(s.mss_headers),
+        "attachments": [
+            {"name": a.filename, "type": a.content_type, "size": a.size} for a in s.attachments
+        ],
+        "defects": list(s.defects),
+        "sha256": incoming.sha256,
+    }
 
 
 def _profile(p: Patient) -> Profile:
@@ -83,6 +103,7 @@ async def store_message(
     recipients: list[Recipient],
     *,
     trust: TrustSpace,
+    keyring: Keyring,
 ) -> StoredMessage:
     s = incoming.summary
     at = incoming.received_at
@@ -91,38 +112,24 @@ async def store_message(
         received_at=at,
         blob_key=incoming.blob_key,
         size=incoming.size,
-        sha256=incoming.sha256,
         trace_header=incoming.trace_header,
         mail_from=incoming.mail_from,
         helo=incoming.helo,
         peer=incoming.peer,
         from_address=s.from_address,
-        from_name=s.from_name,
-        to_header=s.to,
-        cc_header=s.cc,
-        subject=s.subject,
-        date_header=s.date,
         message_id=s.message_id,
         in_reply_to=" ".join(s.in_reply_to) or None,
         references=" ".join(s.references) or None,
         reply_to=s.reply_to,
-        mss_headers=dict(s.mss_headers),
         disposition_notification_to=s.disposition_notification_to,
-        mime_defects={"defects": list(s.defects)} if s.defects else {},
+        attachment_count=len(s.attachments),
         broken_mime=s.broken,
+        sealed=seal_json(
+            incoming.message_key, sealed_metadata(incoming), message_meta_context(incoming.ref)
+        ),
     )
     session.add(message)
     await session.flush()
-    session.add_all(
-        Attachment(
-            message_id=message.id,
-            position=a.position,
-            filename=a.filename,
-            content_type=a.content_type,
-            size=a.size,
-        )
-        for a in s.attachments
-    )
 
     # The professional is who the message says it is from; the envelope
     # sender stands in when From is missing or unparseable.
@@ -137,8 +144,10 @@ async def store_message(
         patient = await session.get(Patient, rcpt.patient_id)
         if patient is None:  # erased between RCPT and now: nothing to deliver to
             continue
+        dek = await keyring.data_key(session, patient.id, at=at)
         conv = await thread(
             session,
+            dek=dek,
             patient_id=patient.id,
             professional=professional,
             professional_name=s.from_name,
@@ -152,6 +161,9 @@ async def store_message(
             patient_id=patient.id,
             conversation_id=conv.id,
             rcpt=rcpt.rcpt,
+            wrapped_key=seal(
+                dek, incoming.message_key, message_key_context(incoming.ref, patient.id)
+            ),
             ends_conversation=fin,
             delivered_at=at,
             read_at=None,

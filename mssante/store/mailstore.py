@@ -1,7 +1,8 @@
 """From a received message to a durable, acknowledged one.
 
-1. in a worker thread: fsync the spool, rename it into the blob store,
-   fsync the directories, and read its metadata (mime.py, streaming);
+1. in a worker thread: fsync the spool (encrypted as it arrived), read its
+   metadata back through the decryptor (mime.py, streaming), rename it into
+   the blob store and fsync the directories;
 2. through the single writer: the message, deliveries, conversations,
    notifications and audit events in one transaction (inbox.py);
 3. return the reference the ``250`` reply quotes.
@@ -19,7 +20,8 @@ from datetime import datetime
 from mssante.routing.trust import TrustSpace
 from mssante.store.blobs import BlobStore, Spool
 from mssante.store.inbox import IncomingMessage, Recipient, StoredMessage, store_message
-from mssante.store.mime import MessageSummary, summarize
+from mssante.store.keys import Keyring
+from mssante.store.mime import MessageSummary, summarize_stream
 from mssante.store.writer import Writer
 
 _NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
@@ -43,15 +45,19 @@ class Envelope:
 
 
 class MailStore:
-    def __init__(self, *, blobs: BlobStore, writer: Writer, trust: TrustSpace) -> None:
+    def __init__(
+        self, *, blobs: BlobStore, writer: Writer, trust: TrustSpace, keyring: Keyring
+    ) -> None:
         self.blobs = blobs
         self._writer = writer
         self._trust = trust
+        self._keyring = keyring
 
     def _persist(self, spool: Spool) -> tuple[str, MessageSummary]:
         try:
             spool.finish()
-            summary = summarize(spool.path)
+            with spool.open_plain() as plain:
+                summary = summarize_stream(plain)
             key = self.blobs.commit(spool)
         except OSError as exc:
             if exc.errno in _NO_SPACE:
@@ -65,6 +71,7 @@ class MailStore:
             ref=env.ref,
             received_at=env.received_at,
             blob_key=key,
+            message_key=spool.key,
             size=spool.size,
             sha256=spool.sha256,
             trace_header=env.trace_header,
@@ -74,5 +81,7 @@ class MailStore:
             summary=summary,
         )
         return await self._writer.run(
-            lambda session: store_message(session, incoming, env.recipients, trust=self._trust)
+            lambda session: store_message(
+                session, incoming, env.recipients, trust=self._trust, keyring=self._keyring
+            )
         )

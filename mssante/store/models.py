@@ -147,7 +147,13 @@ class PatientLink(Base):
 
 
 class Message(Base):
-    """One received message, stored once whatever the number of recipients."""
+    """One received message, stored once whatever the number of recipients.
+
+    Only what routing and listing need is in clear (ids, times, size,
+    sender address, threading ids).  Subject, names, headers, attachment
+    names and the digest are in ``sealed``, encrypted with the message key
+    (crypto.py); the body blob is encrypted with the same key.
+    """
 
     __tablename__ = "messages"
 
@@ -156,46 +162,21 @@ class Message(Base):
     received_at: Mapped[datetime]
     blob_key: Mapped[str] = mapped_column(String(64))
     size: Mapped[int]
-    sha256: Mapped[str] = mapped_column(String(64))
-    # The trace header we add, kept beside the received bytes (STYLE.md 6).
+    # The trace header we add (HELO, IP, our name, date: no content), kept
+    # beside the received bytes (STYLE.md 6).
     trace_header: Mapped[bytes] = mapped_column(LargeBinary)
     mail_from: Mapped[str] = mapped_column(String(320))
     helo: Mapped[str | None] = mapped_column(String(255))
     peer: Mapped[str | None] = mapped_column(String(64))
-    # Parsed metadata.
     from_address: Mapped[str | None] = mapped_column(String(320), index=True)
-    from_name: Mapped[str | None] = mapped_column(String(300))
-    to_header: Mapped[str | None] = mapped_column(Text)
-    cc_header: Mapped[str | None] = mapped_column(Text)
-    subject: Mapped[str | None] = mapped_column(Text)
-    date_header: Mapped[str | None] = mapped_column(String(200))
     message_id: Mapped[str | None] = mapped_column(String(998), index=True)
     in_reply_to: Mapped[str | None] = mapped_column(Text)
     references: Mapped[str | None] = mapped_column(Text)
     reply_to: Mapped[str | None] = mapped_column(String(320))
-    mss_headers: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     disposition_notification_to: Mapped[str | None] = mapped_column(String(320))
-    mime_defects: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    attachment_count: Mapped[int] = mapped_column(Integer, default=0)
     broken_mime: Mapped[bool] = mapped_column(Boolean, default=False)
-
-    attachments: Mapped[list[Attachment]] = relationship(
-        back_populates="message", lazy="raise", order_by="Attachment.position"
-    )
-
-
-class Attachment(Base):
-    __tablename__ = "attachments"
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    message_id: Mapped[int] = mapped_column(
-        ForeignKey("messages.id", ondelete="CASCADE"), index=True
-    )
-    position: Mapped[int]
-    filename: Mapped[str | None] = mapped_column(Text)
-    content_type: Mapped[str] = mapped_column(String(255))
-    size: Mapped[int]
-
-    message: Mapped[Message] = relationship(back_populates="attachments", lazy="raise")
+    sealed: Mapped[bytes] = mapped_column(LargeBinary)
 
 
 class Conversation(Base):
@@ -207,13 +188,13 @@ class Conversation(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     patient_id: Mapped[int] = mapped_column(ForeignKey("patients.id", ondelete="CASCADE"))
     professional: Mapped[str] = mapped_column(String(320))  # address, lower-case
-    professional_name: Mapped[str | None] = mapped_column(String(300))
-    subject: Mapped[str | None] = mapped_column(Text)
     started_at: Mapped[datetime]
     last_message_at: Mapped[datetime]
     # DOMAIN.md 4: "[FIN]" or X-MSS-MES: FIN ends it; a later message reopens it.
     ended_at: Mapped[datetime | None]
     ended_by: Mapped[str | None] = mapped_column(String(320))
+    # Professional's display name and first subject, under the patient's data key.
+    sealed: Mapped[bytes] = mapped_column(LargeBinary)
 
 
 class Delivery(Base):
@@ -232,6 +213,8 @@ class Delivery(Base):
         ForeignKey("conversations.id", ondelete="CASCADE"), index=True
     )
     rcpt: Mapped[str] = mapped_column(String(320))  # RCPT TO as received
+    # The message key, wrapped under this patient's data key.
+    wrapped_key: Mapped[bytes] = mapped_column(LargeBinary)
     ends_conversation: Mapped[bool] = mapped_column(Boolean, default=False)
     delivered_at: Mapped[datetime]
     read_at: Mapped[datetime | None]
@@ -239,6 +222,21 @@ class Delivery(Base):
 
     message: Mapped[Message] = relationship(lazy="raise")
     conversation: Mapped[Conversation] = relationship(lazy="raise")
+
+
+class PatientKey(Base):
+    """A patient's data key, wrapped by a master key; NULL once destroyed."""
+
+    __tablename__ = "patient_keys"
+
+    patient_id: Mapped[int] = mapped_column(
+        ForeignKey("patients.id", ondelete="CASCADE"), primary_key=True
+    )
+    master_key_id: Mapped[str | None] = mapped_column(String(16), index=True)
+    wrapped: Mapped[bytes | None] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime]
+    rotated_at: Mapped[datetime | None]
+    destroyed_at: Mapped[datetime | None]
 
 
 class Contact(Base):
