@@ -115,6 +115,7 @@ class Gateway:
         policy = Policy(
             router=RecipientRouter(smtp.patient_domain, self.store.directory.lookup),
             deliver=mailstore.deliver,
+            record_refusal=mailstore.record_refusal,
             new_spool=self.store.blobs.new_spool,
             max_message_size=smtp.max_message_size,
             pseudonym=self.pseudonym,

@@ -112,6 +112,83 @@ def config_check(file: Path) -> None:
     click.echo(f"{file}: ok")
 
 
+# --- store and audit checks ---------------------------------------------------------------
+
+
+@main.group()
+def store() -> None:
+    """The message store."""
+
+
+@store.command("check")
+@click.pass_context
+def store_check(ctx: click.Context) -> None:
+    """Check blobs, encryption and the audit chain; exit 1 on any problem."""
+    from mssante.store.check import check_store
+
+    async def run(st: Store) -> Any:
+        with Progress(
+            TextColumn("{task.description}"),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+        ) as progress:
+            task = progress.add_task("messages checked", total=None)
+            return await check_store(
+                st.reads, st.blobs, st.keyring, progress=lambda n: progress.advance(task, n)
+            )
+
+    report = _run(_with_store(_settings(ctx), run))
+    for problem in report.problems:
+        click.echo(f"PROBLEM {problem}")
+    click.echo(
+        f"{report.messages} messages, {report.blobs} blobs, {report.erased} erased, "
+        f"{report.audit_events} audit events: "
+        + ("ok" if report.ok else f"{len(report.problems)} problems")
+    )
+    if not report.ok:
+        sys.exit(1)
+
+
+@main.group("audit")
+def audit_group() -> None:
+    """The audit trail."""
+
+
+@audit_group.command("verify")
+@click.option(
+    "--expect-head",
+    default=None,
+    help="A head hash kept elsewhere (see `audit head`): detects removed newest events.",
+)
+@click.pass_context
+def audit_verify(ctx: click.Context, expect_head: str | None) -> None:
+    """Verify the hash chain of the audit trail; exit 1 if it was altered."""
+
+    async def run(st: Store) -> tuple[int, list[str]]:
+        async with st.reads() as session:
+            return await audit.verify_stored_chain(session, expect_head=expect_head)
+
+    count, problems = _run(_with_store(_settings(ctx), run))
+    for problem in problems:
+        click.echo(f"PROBLEM {problem}")
+    click.echo(f"{count} events: " + ("chain intact" if not problems else "chain BROKEN"))
+    if problems:
+        sys.exit(1)
+
+
+@audit_group.command("head")
+@click.pass_context
+def audit_head(ctx: click.Context) -> None:
+    """Print the hash of the newest event (keep it outside this server)."""
+
+    async def run(st: Store) -> str:
+        async with st.reads() as session:
+            return await audit.head(session)
+
+    click.echo(_run(_with_store(_settings(ctx), run)))
+
+
 # --- keys -------------------------------------------------------------------------------
 
 

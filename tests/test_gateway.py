@@ -395,3 +395,23 @@ async def test_concurrent_sessions_all_stored(gateway: Gateway) -> None:
     assert refs == {m.ref for m in messages}
     events = await rows(gateway, select(AuditEvent).order_by(AuditEvent.id))
     assert verify_chain(events) == []
+
+
+async def test_refusals_are_audited_without_the_address(gateway: Gateway) -> None:
+    for ins in (demo.OPPOSED, with_key("1851275123999")):
+        await rcpt_reply(gateway, addr(ins))
+    await rcpt_reply(gateway, f"{demo.ACTIVATED}@example.org")
+    events = await rows(
+        gateway,
+        select(AuditEvent).where(AuditEvent.kind == "message.refused").order_by(AuditEvent.id),
+    )
+    assert [e.details["cause"] for e in events] == [
+        "mailbox_closed",
+        "patient_not_found",
+        "relay_denied",
+    ]
+    # The opposed patient sees it in their history; unknown INS stay unnamed.
+    assert events[0].patient_id == await patient_id(gateway, demo.OPPOSED)
+    assert events[1].patient_id is None
+    assert all(e.actor == DOCTOR for e in events)
+    assert demo.ACTIVATED not in str([e.details for e in events])

@@ -51,6 +51,7 @@ class RecipientRouter:
                 replies.RELAY_DENIED.format(domain=self._domain),
                 # The domain only: the local part may be an INS (no identity in logs).
                 f"relay: domain not served: {parts[1] if parts else 'none'!r}",
+                "relay_denied",
             )
         local, _ = parts
         ins = parse_ins(local)
@@ -58,13 +59,19 @@ class RecipientRouter:
             return Refuse(
                 replies.INVALID_ADDRESS.format(why=_INS_WHY[ins.problem.value]),
                 f"invalid INS ({ins.problem.value}: {ins.detail})",
+                "invalid_address",
             )
         entry = await self._lookup(ins.value)
         if entry is None:
-            return Refuse(replies.PATIENT_NOT_FOUND, "INS not in directory")
+            return Refuse(replies.PATIENT_NOT_FOUND, "INS not in directory", "patient_not_found")
         if not entry.status.accepts_mail:
             # DOMAIN.md 3: opposed or closed -> the professional gets an error.
-            return Refuse(replies.MAILBOX_CLOSED, f"profile {entry.status.value}")
+            return Refuse(
+                replies.MAILBOX_CLOSED,
+                f"profile {entry.status.value}",
+                "mailbox_closed",
+                entry.patient_id,
+            )
         return Deliver(entry.patient_id, ins.value, entry.status)
 
 

@@ -19,10 +19,16 @@ class Deliver:
 
 @dataclass(frozen=True, slots=True)
 class Refuse:
-    """Refuse the recipient; ``reply`` goes to the client, ``reason`` to the log."""
+    """Refuse the recipient; ``reply`` goes to the client, ``reason`` to the log.
+
+    ``cause`` names the refusal for the audit trail and metrics; ``patient_id``
+    is set when the patient is known (their activity history shows it).
+    """
 
     reply: Reply
     reason: str
+    cause: str
+    patient_id: int | None = None
 
 
 Verdict = Deliver | Refuse

@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 import secrets
 from collections.abc import Awaitable, Callable
-from typing import Any
+from datetime import datetime
+from typing import Any, Protocol
 
 from mssante.clock import Clock
 from mssante.pseudonym import Pseudonymizer
@@ -29,6 +30,14 @@ log = logging.getLogger("mssante.smtp")
 
 # Stores a received message, returns once it is durable.
 Deliverer = Callable[[Envelope, Spool], Awaitable[object]]
+
+
+class RefusalRecorder(Protocol):
+    async def __call__(
+        self, *, at: datetime, sender: str, peer: str | None, cause: str, patient_id: int | None
+    ) -> None: ...
+
+
 SpoolFactory = Callable[[], Spool]
 
 
@@ -38,6 +47,7 @@ class Policy:
         *,
         router: RecipientRouter,
         deliver: Deliverer,
+        record_refusal: RefusalRecorder,
         new_spool: SpoolFactory,
         max_message_size: int,
         pseudonym: Pseudonymizer,
@@ -48,6 +58,7 @@ class Policy:
         self._clock = clock
         self._router = router
         self._deliver = deliver
+        self._record_refusal = record_refusal
         self.new_spool = new_spool
         self._max_size = max_message_size
         self._pseudonym = pseudonym
@@ -102,6 +113,13 @@ class Policy:
         verdict = await self._router.route(address)
         if isinstance(verdict, Refuse):
             log.info("RCPT refused %s: %s", verdict.reply.enhanced, verdict.reason)
+            await self._record_refusal(
+                at=self._clock.now(),
+                sender=envelope.mail_from or "",
+                peer=session.peer[0] if session.peer else None,
+                cause=verdict.cause,
+                patient_id=verdict.patient_id,
+            )
             return str(verdict.reply)
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)

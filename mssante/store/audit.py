@@ -88,10 +88,10 @@ async def append(
     return event
 
 
-def verify_chain(events: Iterable[AuditEvent]) -> list[str]:
+def verify_chain(events: Iterable[AuditEvent], *, start: str = GENESIS) -> list[str]:
     """Problems found walking the events in id order; empty when intact."""
     problems: list[str] = []
-    prev_hash = GENESIS
+    prev_hash = start
     for event in events:
         if event.prev_hash != prev_hash:
             problems.append(f"event {event.id}: chain broken (previous hash does not match)")
@@ -108,3 +108,33 @@ def verify_chain(events: Iterable[AuditEvent]) -> list[str]:
             problems.append(f"event {event.id}: content does not match its hash")
         prev_hash = event.hash
     return problems
+
+
+async def verify_stored_chain(
+    session: AsyncSession, *, expect_head: str | None = None
+) -> tuple[int, list[str]]:
+    """Walk the stored trail; return (events, problems).
+
+    The chain alone cannot show that its newest events were cut off: keep
+    the head printed by ``mssante audit head`` somewhere else and pass it as
+    ``expect_head`` to check that it is still in the trail.
+    """
+    problems: list[str] = []
+    prev_hash = GENESIS
+    count = 0
+    found_head = expect_head is None
+    events = await session.stream_scalars(select(AuditEvent).order_by(AuditEvent.id))
+    async for event in events:
+        count += 1
+        problems += verify_chain([event], start=prev_hash)
+        prev_hash = event.hash
+        if event.hash == expect_head:
+            found_head = True
+    if not found_head:
+        problems.append(f"expected head {expect_head} is not in the trail (events removed?)")
+    return count, problems
+
+
+async def head(session: AsyncSession) -> str:
+    last = await session.scalar(select(AuditEvent.hash).order_by(AuditEvent.id.desc()).limit(1))
+    return last or GENESIS

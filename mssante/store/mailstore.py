@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from mssante.routing.trust import TrustSpace
+from mssante.store import audit
 from mssante.store.blobs import BlobStore, Spool
 from mssante.store.inbox import IncomingMessage, Recipient, StoredMessage, store_message
 from mssante.store.keys import Keyring
@@ -64,6 +65,21 @@ class MailStore:
                 raise StorageFullError(str(exc)) from exc
             raise
         return key, summary
+
+    async def record_refusal(
+        self, *, at: datetime, sender: str, peer: str | None, cause: str, patient_id: int | None
+    ) -> None:
+        """Audit a refused recipient (no address: it may hold an INS)."""
+        await self._writer.run(
+            lambda session: audit.append(
+                session,
+                at=at,
+                kind="message.refused",
+                actor=sender.lower(),
+                patient_id=patient_id,
+                details={"cause": cause, "peer": peer},
+            )
+        )
 
     async def deliver(self, env: Envelope, spool: Spool) -> StoredMessage:
         key, summary = await asyncio.to_thread(self._persist, spool)
