@@ -150,6 +150,31 @@ def store_check(ctx: click.Context) -> None:
         sys.exit(1)
 
 
+@main.command()
+@click.pass_context
+def purge(ctx: click.Context) -> None:
+    """Apply retention: purge old trash and audit events (audited)."""
+    from mssante.store.retention import purge as run_purge
+
+    settings = _settings(ctx)
+
+    async def run(st: Store) -> Any:
+        return await run_purge(
+            st.writer,
+            st.blobs,
+            now=SystemClock().now(),
+            trash_days=settings.retention.trash_days,
+            audit_days=settings.retention.audit_days,
+            actor="cli",
+        )
+
+    r = _run(_with_store(settings, run))
+    click.echo(
+        f"purged {r.deliveries} trashed deliveries, {r.messages} messages, "
+        f"{r.conversations} conversations, {r.audit_events} audit events"
+    )
+
+
 @main.group("audit")
 def audit_group() -> None:
     """The audit trail."""

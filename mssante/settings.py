@@ -88,11 +88,21 @@ class NotifySettings(_Section):
     webmail_url: str = Field("http://127.0.0.1:8080/", description="Link given in notifications.")
 
 
+class RetentionSettings(_Section):
+    trash_days: int = Field(
+        30, ge=0, description="Days a message stays in a patient's trash before it is purged."
+    )
+    audit_days: int = Field(
+        3650, ge=365, description="Days audit events are kept (at least one year)."
+    )
+
+
 class Settings(_Section):
     smtp: SmtpSettings = Field(default_factory=SmtpSettings)
     store: StoreSettings = Field(default_factory=StoreSettings)
     trust: TrustSettings = Field(default_factory=TrustSettings)
     notify: NotifySettings = Field(default_factory=NotifySettings)
+    retention: RetentionSettings = Field(default_factory=RetentionSettings)
 
 
 class SettingsError(Exception):

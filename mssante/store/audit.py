@@ -18,7 +18,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from mssante.store.models import AuditEvent
+from mssante.store.models import AuditAnchor, AuditEvent
 
 GENESIS = "0" * 64
 
@@ -121,6 +121,19 @@ async def verify_stored_chain(
     """
     problems: list[str] = []
     prev_hash = GENESIS
+    anchor = await session.get(AuditAnchor, 1)
+    if anchor is not None:
+        # Old events were purged (retention.py): the chain starts at the anchor,
+        # which the newest purge event must name.
+        prev_hash = anchor.prev_hash
+        named = await session.scalar(
+            select(AuditEvent.details)
+            .where(AuditEvent.kind == "retention.purged", AuditEvent.id > anchor.through_id)
+            .order_by(AuditEvent.id.desc())
+            .limit(1)
+        )
+        if not named or named.get("anchor") != anchor.prev_hash:
+            problems.append("anchor does not match the newest purge event")
     count = 0
     found_head = expect_head is None
     events = await session.stream_scalars(select(AuditEvent).order_by(AuditEvent.id))

@@ -295,3 +295,19 @@ class AuditEvent(Base):
     details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     prev_hash: Mapped[str] = mapped_column(String(64))
     hash: Mapped[str] = mapped_column(String(64), unique=True)
+
+
+class AuditAnchor(Base):
+    """Where the chain starts once old events were purged (retention).
+
+    One row at most.  ``prev_hash`` is the hash of the last purged event,
+    which the first remaining event points to; the purge is itself an
+    audited event naming the same anchor, so moving it is detected too.
+    """
+
+    __tablename__ = "audit_anchor"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    through_id: Mapped[int]
+    purged_at: Mapped[datetime]
