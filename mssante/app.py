@@ -7,7 +7,10 @@ clock, so tests start as many as they like on port 0.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import ssl
 from pathlib import Path
 
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -15,17 +18,18 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from mssante.clock import Clock, SystemClock
 from mssante.pseudonym import Pseudonymizer
 from mssante.routing.recipient import RecipientRouter
-from mssante.routing.trust import TrustSpace, read_whitelist_domains
+from mssante.routing.trust import TrustSpace, WhitelistError, read_whitelist
 from mssante.settings import Settings
 from mssante.smtp.listener import SmtpListener
 from mssante.smtp.session import Policy
 from mssante.smtp.tls import ensure_dev_certificate, server_context
 from mssante.store.blobs import BlobStore
 from mssante.store.crypto import load_key_provider
-from mssante.store.db import SessionMaker, create_schema, make_engine, make_sessionmaker
+from mssante.store.db import SessionMaker, make_engine, make_sessionmaker
 from mssante.store.directory import Directory
 from mssante.store.keys import Keyring
 from mssante.store.mailstore import MailStore
+from mssante.store.migrations import prepare_schema
 from mssante.store.reading import read_original
 from mssante.store.writer import Writer
 
@@ -61,7 +65,13 @@ class Store:
     async def open(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.blobs.prepare()
-        await create_schema(self.write_engine)
+        # An empty database gets the schema (the Quick start); an outdated one
+        # stops the start with SchemaError: `mssante db upgrade` migrates it.
+        try:
+            await prepare_schema(self.write_engine)
+        except BaseException:
+            await self.close()  # release the connections of a refused start
+            raise
         self.writer.start()
 
     async def read_original(self, ref: str) -> bytes:
@@ -74,25 +84,63 @@ class Store:
         await self.write_engine.dispose()
 
 
-def tls_files(settings: Settings) -> tuple[Path, Path]:
-    smtp = settings.smtp
-    if smtp.tls_cert and smtp.tls_key:
-        return smtp.tls_cert, smtp.tls_key
-    _, cert, key = ensure_dev_certificate(settings.store.data_dir / "tls", smtp.hostname)
-    return cert, key
+class TrustConfig:
+    """Whitelist, trust anchors, CRLs and the server certificate, reloadable.
 
+    ``reload()`` rebuilds everything from the files; if anything is wrong
+    (malformed whitelist, unreadable CRL...) the previous state stays in
+    force and the error is logged (issue 3: a bad new file never opens the
+    gates nor closes them).  Checked every ``trust.reload_interval`` seconds
+    by file modification time, and on SIGHUP.
+    """
 
-def trust_space(settings: Settings) -> TrustSpace:
-    domains = (
-        read_whitelist_domains(settings.trust.whitelist)
-        if settings.trust.whitelist
-        else frozenset()
-    )
-    return TrustSpace(
-        patient_domain=settings.smtp.patient_domain,
-        suffix=settings.trust.mssante_suffix,
-        domains=domains,
-    )
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        smtp, trust = settings.smtp, settings.trust
+        dev_dir = settings.store.data_dir / "tls"
+        ca, cert, key = (None, smtp.tls_cert, smtp.tls_key)
+        if not (smtp.tls_cert and smtp.tls_key) or not (trust.anchors and trust.whitelist):
+            ca, dev_cert, dev_key = ensure_dev_certificate(dev_dir, smtp.hostname)
+            cert, key = (smtp.tls_cert, smtp.tls_key) if smtp.tls_cert else (dev_cert, dev_key)
+        assert cert is not None and key is not None
+        self.cert, self.key = cert, key
+        self.anchors = trust.anchors or ca
+        self.whitelist = trust.whitelist or dev_dir / "dev-whitelist.xml"
+        self.crls = tuple(trust.crls)
+        self._stamp: tuple[float, ...] = ()
+        self.space, self.tls = self._load()
+        self._stamp = self._mtimes()
+
+    def _files(self) -> list[Path]:
+        anchors = [self.anchors] if self.anchors else []
+        return [self.cert, self.key, self.whitelist, *anchors, *self.crls]
+
+    def _mtimes(self) -> tuple[float, ...]:
+        return tuple(p.stat().st_mtime if p.exists() else -1.0 for p in self._files())
+
+    def _load(self) -> tuple[TrustSpace, ssl.SSLContext]:
+        space = TrustSpace(
+            patient_domain=self._settings.smtp.patient_domain,
+            suffix=self._settings.trust.mssante_suffix,
+            operators=read_whitelist(self.whitelist),
+        )
+        context = server_context(self.cert, self.key, anchors=self.anchors, crls=self.crls)
+        return space, context
+
+    def reload(self) -> bool:
+        try:
+            self.space, self.tls = self._load()
+        except (OSError, ssl.SSLError, WhitelistError) as exc:
+            log.error("trust reload failed, previous whitelist/CRLs/certificate kept: %s", exc)
+            return False
+        self._stamp = self._mtimes()
+        log.info("trust reloaded: %d domains", len(self.space.operators))
+        return True
+
+    def reload_if_changed(self) -> bool:
+        if self._mtimes() == self._stamp:
+            return False
+        return self.reload()
 
 
 class Gateway:
@@ -105,10 +153,11 @@ class Gateway:
             logging.getLogger(name).setLevel(logging.WARNING)
         self.store = Store(settings)
         self.pseudonym = Pseudonymizer.from_key_file(settings.store.data_dir / "pseudonym.key")
+        self.trust = TrustConfig(settings)
         mailstore = MailStore(
             blobs=self.store.blobs,
             writer=self.store.writer,
-            trust=trust_space(settings),
+            trust=lambda: self.trust.space,
             keyring=self.store.keyring,
         )
         smtp = settings.smtp
@@ -121,8 +170,9 @@ class Gateway:
             pseudonym=self.pseudonym,
             hostname=smtp.hostname,
             clock=self.clock,
+            trust=lambda: self.trust.space,
+            check_senders=settings.trust.require_client_certificate,
         )
-        cert, key = tls_files(settings)
         self.smtp = SmtpListener(
             policy,
             host=smtp.host,
@@ -130,14 +180,26 @@ class Gateway:
             hostname=smtp.hostname,
             max_message_size=smtp.max_message_size,
             timeout=smtp.timeout,
-            tls_context=server_context(cert, key),
+            tls_context=lambda: self.trust.tls,
+            require_tls=smtp.require_tls,
         )
+        self._watch: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         await self.store.open()
         await self.smtp.start()
+        self._watch = asyncio.create_task(self._watch_trust_files(), name="trust-watch")
         log.info("SMTP listening on %s:%d", self.settings.smtp.host, self.smtp.port)
 
+    async def _watch_trust_files(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.trust.reload_interval)
+            self.trust.reload_if_changed()
+
     async def stop(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
         await self.smtp.stop()
         await self.store.close()

@@ -283,6 +283,80 @@ def keys_rotate(ctx: click.Context, batch: int) -> None:
     click.echo(f"current master key {current}; {total} data keys re-wrapped")
 
 
+# --- db -------------------------------------------------------------------------------
+
+
+@main.group()
+def db() -> None:
+    """The database schema (migrations shipped with mssante)."""
+
+
+def _schema_engine(settings: Settings) -> Any:
+    from mssante.store.db import make_engine
+
+    sync = settings.store.sqlite_synchronous
+    return make_engine(settings.store.url(), synchronous=sync, writer=True)
+
+
+@db.command("current")
+@click.pass_context
+def db_current(ctx: click.Context) -> None:
+    """Show the database's schema revision and the one this mssante needs."""
+    from sqlalchemy.engine import make_url
+
+    from mssante.store import migrations
+    from mssante.store.db import is_sqlite
+
+    settings = _settings(ctx)
+    url = settings.store.url()
+
+    async def run() -> str | None:
+        engine = _schema_engine(settings)
+        try:
+            return await migrations.current(engine)
+        finally:
+            await engine.dispose()
+
+    path = make_url(url).database
+    # No SQLite file yet: say so rather than create one.
+    found = None if is_sqlite(url) and path and not Path(path).exists() else _run(run())
+    expected = migrations.head()
+    state = "up to date" if found == expected else f"run `{migrations.UPGRADE_COMMAND}`"
+    click.echo(f"database schema: {found or 'none'}; this mssante needs: {expected} ({state})")
+
+
+@db.command("upgrade")
+@click.pass_context
+def db_upgrade(ctx: click.Context) -> None:
+    """Migrate the database schema to the revision this mssante needs.
+
+    One transaction: on failure nothing changes.  Stop the gateways of the
+    previous version first, start those of this version after.
+    """
+    from mssante.store import migrations
+
+    settings = _settings(ctx)
+    settings.store.data_dir.mkdir(parents=True, exist_ok=True)  # where SQLite lives
+
+    async def run() -> tuple[str | None, str | None]:
+        engine = _schema_engine(settings)
+        try:
+            before = await migrations.current(engine)
+            await migrations.upgrade(engine)
+            return before, await migrations.current(engine)
+        finally:
+            await engine.dispose()
+
+    try:
+        before, after = _run(run())
+    except migrations.SchemaError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if before == after:
+        click.echo(f"database schema already at {after}")
+    else:
+        click.echo(f"database schema upgraded from {before or 'none'} to {after}")
+
+
 # --- serve ---------------------------------------------------------------------------
 
 
@@ -394,32 +468,51 @@ def demo_message(to: str, sender: str) -> EmailMessage:
 @click.option("--sender", default="dr.durand@chu-exemple.mssante.fr", show_default=True)
 @click.option("--host", default=None, help="Server address (default: from configuration).")
 @click.option("--port", type=int, default=None, help="Server port (default: from configuration).")
-@click.option("--starttls/--no-starttls", default=True, show_default=True)
+@click.option(
+    "--client-cert",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Operator certificate (default: the development operator).",
+)
+@click.option(
+    "--client-key", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None
+)
+@click.option(
+    "--ca",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="CA of the server certificate (default: the development CA).",
+)
 @click.pass_context
 def send_test(
-    ctx: click.Context, to_ins: str, sender: str, host: str | None, port: int | None, starttls: bool
+    ctx: click.Context,
+    to_ins: str,
+    sender: str,
+    host: str | None,
+    port: int | None,
+    client_cert: Path | None,
+    client_key: Path | None,
+    ca: Path | None,
 ) -> None:
-    """Send a demo professional message (with a PDF) to a patient mailbox."""
-    import ssl
-
+    """Send a demo professional message (with a PDF) over STARTTLS, as a trust-space operator."""
     import aiosmtplib
 
+    from mssante.smtp.tls import client_context
+
     settings = _settings(ctx)
+    dev = settings.store.data_dir / "tls"
+    ca = ca or (dev / "dev-ca.pem" if (dev / "dev-ca.pem").exists() else None)
+    if client_cert is None and (dev / "dev-operator.pem").exists():
+        client_cert, client_key = dev / "dev-operator.pem", dev / "dev-operator.key"
+    tls = client_context(ca, client_cert, client_key or client_cert)
     to = f"{to_ins}@{settings.smtp.patient_domain}"
     msg = demo_message(to, sender)
-    tls: ssl.SSLContext | None = None
-    if starttls:
-        tls = ssl.create_default_context()
-        ca = settings.store.data_dir / "tls" / "dev-ca.pem"
-        if ca.exists():
-            tls.load_verify_locations(ca)
-        tls.check_hostname = False  # the dev certificate names the configured hostname
 
     async def send() -> None:
         async with aiosmtplib.SMTP(
             hostname=host or settings.smtp.host,
             port=port or settings.smtp.port,
-            start_tls=starttls,
+            start_tls=True,
             tls_context=tls,
         ) as client:
             _, reply = await client.send_message(msg)

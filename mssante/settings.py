@@ -33,6 +33,9 @@ class SmtpSettings(_Section):
         25_000_000, gt=0, description="SIZE limit in octets (DOMAIN.md 3: 25 MB)."
     )
     timeout: float = Field(300.0, gt=0, description="Idle timeout of a session, in seconds.")
+    require_tls: bool = Field(
+        True, description="Refuse MAIL before STARTTLS (530 5.7.0), as the trust space requires."
+    )
     tls_cert: Path | None = Field(
         None, description="PEM server certificate chain; generated in the data dir if unset."
     )
@@ -77,7 +80,23 @@ class StoreSettings(_Section):
 
 class TrustSettings(_Section):
     whitelist: Path | None = Field(
-        None, description="Trust-space whitelist XML (listeblanche); optional for now."
+        None, description="Trust-space whitelist XML (listeblanche); default: a dev whitelist."
+    )
+    anchors: Path | None = Field(
+        None,
+        description="PEM bundle of the CAs client certificates must chain to (IGC-Sante);"
+        " default: the development CA.",
+    )
+    crls: list[Path] = Field(
+        default_factory=list, description="PEM CRL files checked for client certificates."
+    )
+    require_client_certificate: bool = Field(
+        True,
+        description="Senders must present a certificate whose subject is the operator"
+        " listed for their domain.",
+    )
+    reload_interval: float = Field(
+        30.0, gt=0, description="Seconds between checks of whitelist, CRL and certificate files."
     )
     mssante_suffix: str = Field(
         ".mssante.fr", description="Domains ending so are MSSanté addresses (Reply-To contacts)."
@@ -141,6 +160,8 @@ def load_settings(path: Path | None = None, environ: dict[str, str] | None = Non
 def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     if isinstance(value, int):
         return f"{value:_}" if value >= 10_000 else str(value)
     if isinstance(value, float):

@@ -1,8 +1,15 @@
-"""Shared fixtures: a real gateway on port 0 with a temp data directory."""
+"""Shared fixtures: a real gateway on port 0 with a temp data directory.
+
+The gateway runs on each database the project supports: ``[sqlite]`` in the
+data directory, ``[postgresql]`` in a fresh database of a real server
+(tests/pg.py), started once for the session when a test first needs it.
+"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import atexit
+import os
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -10,7 +17,10 @@ import pytest
 
 from mssante.app import Gateway
 from mssante.cli import seed_demo
-from mssante.settings import Settings, SmtpSettings, StoreSettings
+from mssante.settings import Settings, SmtpSettings, StoreSettings, TrustSettings
+from tests import pg
+
+DATABASES = ["sqlite", "postgresql"]
 
 
 class FakeClock:
@@ -26,10 +36,21 @@ class FakeClock:
         self._now += timedelta(**delta)
 
 
-def make_settings(data_dir: Path, **smtp: object) -> Settings:
+def make_settings(
+    data_dir: Path,
+    *,
+    database_url: str | None = None,
+    trust: TrustSettings | None = None,
+    **smtp: object,
+) -> Settings:
+    """Settings for a test gateway.  Without ``trust``, the trust-space checks
+    (STARTTLS required, operator certificates) are off so that protocol and
+    store tests can speak plain SMTP; tests/test_trust.py turns them on."""
+    smtp.setdefault("require_tls", trust is not None)
     return Settings(
         smtp=SmtpSettings(port=0, hostname="mx.test.localhost", **smtp),  # type: ignore[arg-type]
-        store=StoreSettings(data_dir=data_dir),
+        store=StoreSettings(data_dir=data_dir, database_url=database_url),
+        trust=trust or TrustSettings(require_client_certificate=False),
     )
 
 
@@ -43,9 +64,47 @@ def data_dir(tmp_path: Path) -> Path:
     return tmp_path / "data"
 
 
+@pytest.fixture(scope="session")
+def pg_admin_url() -> Iterator[str]:
+    """A PostgreSQL server for the session: MSSANTE_TEST_PG_URL, or one started here.
+
+    Without PostgreSQL binaries the tests that need it fail (CI installs them).
+    """
+    if url := os.environ.get(pg.ENV_URL):
+        yield url
+        return
+    try:
+        cluster = pg.PgCluster()
+    except pg.PgUnavailable as exc:
+        pytest.fail(str(exc), pytrace=False)
+    atexit.register(cluster.remove)  # should the session end without teardown
+    try:
+        cluster.start()
+    except pg.PgUnavailable as exc:
+        cluster.remove()
+        pytest.fail(str(exc), pytrace=False)
+    try:
+        yield cluster.url()
+    finally:
+        cluster.remove()
+
+
+@pytest.fixture(params=DATABASES)
+async def db_url(request: pytest.FixtureRequest, data_dir: Path) -> AsyncIterator[str]:
+    """The database URL of this test: SQLite in ``data_dir``, or a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        data_dir.mkdir(parents=True, exist_ok=True)
+        yield StoreSettings(data_dir=data_dir).url()
+        return
+    admin_url = request.getfixturevalue("pg_admin_url")
+    async with pg.fresh_database(admin_url) as url:
+        yield url
+
+
 @pytest.fixture
-async def gateway(data_dir: Path, clock: FakeClock) -> AsyncIterator[Gateway]:
-    gw = Gateway(make_settings(data_dir, max_message_size=200_000), clock=clock)
+async def gateway(data_dir: Path, db_url: str, clock: FakeClock) -> AsyncIterator[Gateway]:
+    settings = make_settings(data_dir, database_url=db_url, max_message_size=200_000)
+    gw = Gateway(settings, clock=clock)
     await gw.start()
     await seed_demo(gw.store)
     try:

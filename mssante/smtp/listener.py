@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+from collections.abc import Callable
 
 from mssante.smtp.protocol import GatewayProtocol
 from mssante.smtp.session import Policy
@@ -19,8 +20,10 @@ class SmtpListener:
         hostname: str,
         max_message_size: int,
         timeout: float,
-        tls_context: ssl.SSLContext | None,
+        tls_context: Callable[[], ssl.SSLContext] | None,
+        require_tls: bool = False,
     ) -> None:
+        self._require_tls = require_tls
         self._policy = policy
         self._host = host
         self._port = port
@@ -36,7 +39,10 @@ class SmtpListener:
             max_message_size=self._max_size,
             hostname=self._hostname,  # configured: no DNS lookup per connection
             ident="mssante ESMTP",
-            tls_context=self._tls,
+            # Read per connection: a reloaded certificate or CRL applies to
+            # the next session.
+            tls_context=self._tls() if self._tls else None,
+            require_starttls=self._require_tls,
             timeout=self._timeout,
             loop=asyncio.get_running_loop(),
         )

@@ -14,8 +14,11 @@ Session policy (EHLO keywords, MAIL, RCPT, storing) lives in session.py.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
+import ssl
+from asyncio import sslproto
 from typing import Any
 
 from aiosmtpd.smtp import SMTP, TLSSetupException, syntax
@@ -34,6 +37,27 @@ _PROBLEM_REPLIES = {
     DataProblem.NUL: replies.NUL_IN_DATA,
     DataProblem.LINE_TOO_LONG: replies.LINE_TOO_LONG,
 }
+
+
+class AlertingSSLProtocol(sslproto.SSLProtocol):
+    """asyncio's server-side TLS, sending the alert when a handshake fails.
+
+    On a failed handshake asyncio closes the connection without flushing
+    what OpenSSL prepared, so a client whose certificate was refused sees a
+    bare disconnection.  Flushing first gives it the precise TLS alert
+    (RFC 8446 6.2: unknown_ca, certificate_expired, certificate_revoked...).
+    """
+
+    def _do_handshake(self) -> None:
+        try:
+            self._sslobj.do_handshake()  # type: ignore[attr-defined]
+        except sslproto.SSLAgainErrors:
+            self._process_outgoing()  # type: ignore[attr-defined]
+        except ssl.SSLError as exc:
+            self._process_outgoing()  # type: ignore[attr-defined]
+            self._on_handshake_complete(exc)
+        else:
+            self._on_handshake_complete(None)
 
 
 def new_log_id() -> str:
@@ -89,12 +113,54 @@ class GatewayProtocol(SMTP):
             log.info("refused: %s", error.reason)
             return str(error.reply)
         if isinstance(error, TLSSetupException):
-            # The client gave up the handshake; aiosmtpd closes the connection.
-            log.info("TLS handshake failed: %r", error.__cause__)
+            # The handshake failed (a refused client certificate among others:
+            # the client got the TLS alert); aiosmtpd closes the connection.
+            cause = error.__cause__
+            reason = getattr(cause, "verify_message", None) or getattr(cause, "reason", None)
+            log.info("TLS handshake failed: %s", reason or type(cause).__name__)
             return ""
         log_id = new_log_id()
         log.error("internal error log_id=%s", log_id, exc_info=error)
         return str(replies.INTERNAL_ERROR.format(log_id=log_id))
+
+    @syntax("STARTTLS", when="tls_context")
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        """aiosmtpd's STARTTLS, with the plaintext read-ahead thrown away.
+
+        Commands a client (or a man in the middle) pipelined after STARTTLS
+        in clear must not be executed inside the TLS session (STARTTLS
+        command injection: CVE-2011-0411 Postfix, CVE-2021-33515 Dovecot,
+        CVE-2021-38371 Exim).  RFC 3207 4: the client must not pipeline after
+        STARTTLS.  The buffer is cleared at the very moment the transport
+        switches to TLS, so nothing received in clear survives the switch.
+        """
+        if arg:
+            await self.reply(replies.STARTTLS_SYNTAX)
+            return
+        if self._tls_protocol is not None:
+            await self.reply(replies.TLS_ALREADY_ACTIVE)
+            return
+        await self.reply(replies.READY_FOR_TLS)
+        waiter = self.loop.create_future()
+        assert self.tls_context is not None  # STARTTLS is only offered with a context
+        self._tls_protocol = AlertingSSLProtocol(
+            self.loop, self, self.tls_context, waiter, server_side=True
+        )
+        self._original_transport = self.transport
+        assert self._original_transport is not None
+        buffer: bytearray = self._reader._buffer  # type: ignore[attr-defined]
+        if buffer:
+            log.warning("discarded %d octets pipelined in clear after STARTTLS", len(buffer))
+            buffer.clear()
+        self._original_transport.set_protocol(self._tls_protocol)
+        self.transport = self._tls_protocol._app_transport
+        self._tls_protocol.connection_made(self._original_transport)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:
+            raise TLSSetupException() from error
 
     @syntax("DATA")
     async def smtp_DATA(self, arg: str | None) -> None:

@@ -49,6 +49,34 @@ MESSAGE_STORED = Reply(
     250, "2.0.0", "Message enregistre, ref {ref} / Message stored durably as {ref}"
 )
 
+# --- trust space (DOMAIN.md 6) -----------------------------------------------------
+TLS_REQUIRED = Reply(
+    530, "5.7.0", "STARTTLS obligatoire / Must issue a STARTTLS command first (trust space rule)"
+)
+CLIENT_CERT_REQUIRED = Reply(
+    530,
+    "5.7.0",
+    "Certificat client requis (espace de confiance MSSante)"
+    " / A client certificate of the MSSante trust space is required",
+)
+DOMAIN_NOT_TRUSTED = Reply(
+    550,
+    "5.7.1",
+    "Domaine {domain} hors de l'espace de confiance MSSante"
+    " / Sender domain {domain} is not in the MSSante trust space",
+)
+WRONG_OPERATOR = Reply(
+    550,
+    "5.7.1",
+    "Certificat non autorise pour le domaine {domain}"
+    " / Certificate subject is not the operator listed for {domain}",
+)
+NOT_AN_OPERATOR = Reply(
+    550,
+    "5.7.1",
+    "Expediteur vide reserve aux operateurs / Null sender accepted from trust-space operators only",
+)
+
 # --- recipient verdicts (DOMAIN.md 3) -----------------------------------------
 RELAY_DENIED = Reply(
     550,
@@ -74,6 +102,8 @@ MAILBOX_CLOSED = Reply(
 OK = Reply(250, "2.0.0", "OK")
 BYE = Reply(221, "2.0.0", "Au revoir / Bye")
 READY_FOR_TLS = Reply(220, "2.0.0", "Pret pour TLS / Ready to start TLS")
+STARTTLS_SYNTAX = Reply(501, "5.5.4", "Syntaxe : STARTTLS sans argument / Syntax: STARTTLS")
+TLS_ALREADY_ACTIVE = Reply(503, "5.5.1", "TLS deja actif / TLS already active")
 
 # --- sequence and syntax ------------------------------------------------------
 NEED_MAIL = Reply(503, "5.5.1", "Commande MAIL attendue d'abord / Need MAIL command first")
@@ -89,7 +119,6 @@ NOT_IMPLEMENTED = Reply(502, "5.5.1", "Commande non prise en charge / Command no
 ASCII_ONLY = Reply(
     500, "5.6.7", "Caracteres non ASCII sans SMTPUTF8 / Non-ASCII octets need SMTPUTF8"
 )
-STARTTLS_FIRST = Reply(530, "5.7.0", "STARTTLS d'abord / Must issue a STARTTLS command first")
 HELO_FIRST = Reply(503, "5.5.1", "EHLO ou HELO d'abord / Send EHLO or HELO first")
 PARAMETER_UNKNOWN = Reply(
     555, "5.5.4", "Parametre non reconnu / MAIL FROM or RCPT TO parameter not recognised"
@@ -158,7 +187,7 @@ AIOSMTPD_REPLIES: dict[str, Reply] = {
     "500 Error: bad syntax": SYNTAX_ERROR,
     "500 Command line too long": COMMAND_TOO_LONG,
     "500 Error: strict ASCII mode": ASCII_ONLY,
-    "530 Must issue a STARTTLS command first": STARTTLS_FIRST,
+    "530 Must issue a STARTTLS command first": TLS_REQUIRED,
     "502 EXPN not implemented": NOT_IMPLEMENTED,
 }
 _PREFIX_REPLIES: list[tuple[str, Reply]] = [

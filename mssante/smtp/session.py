@@ -13,9 +13,12 @@ from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any, Protocol
 
+from cryptography import x509
+
 from mssante.clock import Clock
 from mssante.pseudonym import Pseudonymizer
 from mssante.routing.recipient import RecipientRouter
+from mssante.routing.trust import DnKey, TrustSpace, dn_key
 from mssante.routing.verdict import Refuse
 from mssante.smtp import replies
 from mssante.smtp.protocol import GatewayProtocol, new_log_id
@@ -53,7 +56,11 @@ class Policy:
         pseudonym: Pseudonymizer,
         hostname: str,
         clock: Clock,
+        trust: Callable[[], TrustSpace],
+        check_senders: bool,
     ) -> None:
+        self._trust = trust
+        self._check_senders = check_senders
         self._hostname = hostname
         self._clock = clock
         self._router = router
@@ -79,7 +86,10 @@ class Policy:
             "250-PIPELINING",  # RFC 2920
             "250-ENHANCEDSTATUSCODES",  # RFC 2034
         ]
-        return [responses[0], *extra, *responses[1:]]
+        # No AUTH here: operators authenticate by certificate; professional
+        # clients use the submission listener.
+        rest = [r for r in responses[1:] if not r[4:].upper().startswith("AUTH")]
+        return [responses[0], *extra, *rest]
 
     async def handle_MAIL(
         self,
@@ -97,6 +107,18 @@ class Policy:
                 if int(value) > self._max_size:
                     # RFC 1870 6.1: refuse at once, before any data is sent.
                     return str(replies.SIZE_DECLARED_TOO_BIG.format(limit=self._max_size))
+        if self._check_senders:
+            refusal = self._trust().check_sender(address, peer_dn(session))
+            if refusal is not None:
+                log.info("MAIL refused %s: %s", refusal.reply.enhanced, refusal.reason)
+                await self._record_refusal(
+                    at=self._clock.now(),
+                    sender=address,
+                    peer=session.peer[0] if session.peer else None,
+                    cause=refusal.cause,
+                    patient_id=None,
+                )
+                return str(refusal.reply)
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         envelope.accepted = []
@@ -155,6 +177,16 @@ class Policy:
             return replies.STORAGE_FULL.format(log_id=log_id)
         log.info("stored ref=%s recipients=%d size=%d", ref, len(env.recipients), spool.size)
         return replies.MESSAGE_STORED.format(ref=ref)
+
+
+def peer_dn(session: Any) -> DnKey | None:
+    """Subject of the client certificate, already verified during the handshake."""
+    extra = session.ssl
+    ssl_object = extra.get("ssl_object") if isinstance(extra, dict) else None
+    der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+    if not der:
+        return None
+    return dn_key(x509.load_der_x509_certificate(der).subject)
 
 
 def _tls_version(session: Any) -> str | None:

@@ -1,8 +1,18 @@
-"""TLS for the SMTP listener, and development certificates for the Quick start.
+"""TLS for the SMTP listeners, and development certificates for the Quick start.
 
-Production reads the certificate chain and key from configuration; with
-none configured, a development CA and server certificate are generated once
-into the data directory (never used when a certificate is configured).
+Server side (DOMAIN.md 6): TLS 1.2 and 1.3 only, forward-secret AEAD
+ciphers, no compression or renegotiation.  When trust anchors are
+configured the server asks for a client certificate and OpenSSL checks it
+during the handshake: chain to the anchors only (never the system store),
+validity dates, and revocation against the configured CRLs.  A failing
+certificate ends the handshake with the precise TLS alert (RFC 8446 6.2:
+``unknown_ca``, ``certificate_expired``, ``certificate_revoked``); the
+reason is logged.  A session without a certificate continues, and is
+refused at MAIL (routing/trust.py).
+
+Production reads certificates, anchors and CRLs from configuration; with
+none configured a development CA, server certificate, operator client
+certificate and whitelist are generated once into the data directory.
 """
 
 from __future__ import annotations
@@ -18,12 +28,47 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+# TLS 1.2 suites: ECDHE key exchange and AEAD only (TLS 1.3 suites are all fine).
+TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
 
-def server_context(cert: Path, key: Path) -> ssl.SSLContext:
-    # TLS 1.2 and later only (DOMAIN.md 6).
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+
+def server_context(
+    cert: Path,
+    key: Path,
+    *,
+    anchors: Path | None = None,
+    crls: tuple[Path, ...] = (),
+) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_ciphers(TLS12_CIPHERS)
+    context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    context.options |= ssl.OP_NO_RENEGOTIATION
     context.load_cert_chain(cert, key)
+    if anchors is not None:
+        # Only the configured anchors (IGC-Sante in production), never the
+        # system store: a public CA must not vouch for a health operator.
+        context.load_verify_locations(cafile=str(anchors))
+        context.verify_mode = ssl.CERT_OPTIONAL
+        for crl in crls:
+            context.load_verify_locations(cafile=str(crl))
+        if crls:
+            context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+    return context
+
+
+def client_context(
+    anchors: Path | None, cert: Path | None = None, key: Path | None = None
+) -> ssl.SSLContext:
+    """For our own clients (send-test, outbound): verify the server, present ours."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if anchors is not None:
+        context.load_verify_locations(cafile=str(anchors))
+    else:
+        context.load_default_certs()
+    if cert is not None:
+        context.load_cert_chain(cert, key)
     return context
 
 
@@ -43,12 +88,46 @@ def _write_private(path: Path, data: bytes) -> None:
         f.write(data)
 
 
+DEV_OPERATOR_DN = "CN=smtp.chu-exemple.fr,O=CHU Exemple (developpement),C=FR"
+DEV_OPERATOR_DOMAINS = ("chu-exemple.mssante.fr", "medecin.operateur-exemple.fr")
+
+
+def _dev_whitelist(domains: tuple[str, ...], dn: str) -> str:
+    entries = "".join(
+        f"  <Domaine>\n    <Nom>{d}</Nom>\n    <Description>Developpement</Description>\n"
+        f"    <DNCertificatOperateur>{dn}</DNCertificatOperateur>\n"
+        f"    <ResponsableContact>rssi@example.org</ResponsableContact>\n"
+        f"    <SupportContact>support@example.org</SupportContact>\n"
+        f"    <DateMAJ>2026-11-23</DateMAJ>\n  </Domaine>\n"
+        for d in domains
+    )
+    return (
+        '<?xml version="1.0" encoding="UTF-8"?>\n'
+        '<ListeBlanche xmlns="https://listeblanche.mssante.fr/schema">\n'
+        f"  <DateDeGeneration>2026-11-23T00:00:00+01:00</DateDeGeneration>\n{entries}"
+        "</ListeBlanche>\n"
+    )
+
+
 def ensure_dev_certificate(directory: Path, hostname: str) -> tuple[Path, Path, Path]:
-    """(CA certificate, server chain, server key) in ``directory``, made on first use."""
+    """(CA certificate, server chain, server key) in ``directory``, made on first use.
+
+    Also makes a development operator: ``dev-operator.pem``/``.key``, a client
+    certificate with subject :data:`DEV_OPERATOR_DN`, and ``dev-whitelist.xml``
+    listing it for :data:`DEV_OPERATOR_DOMAINS`, so the Quick start exercises
+    the whole trust-space path.
+    """
     ca_path = directory / "dev-ca.pem"
     cert_path = directory / "dev-server.pem"
     key_path = directory / "dev-server.key"
-    if ca_path.exists() and cert_path.exists() and key_path.exists():
+    made = (
+        ca_path,
+        cert_path,
+        key_path,
+        directory / "dev-operator.pem",
+        directory / "dev-whitelist.xml",
+    )
+    if all(p.exists() for p in made):
         return ca_path, cert_path, key_path
     directory.mkdir(parents=True, exist_ok=True)
     now = dt.datetime.now(dt.UTC)
@@ -106,11 +185,29 @@ def ensure_dev_certificate(directory: Path, hostname: str) -> tuple[Path, Path, 
         )
         .sign(ca_key, hashes.SHA256())
     )
+    op_key = ec.generate_private_key(ec.SECP256R1())
+    operator = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name.from_rfc4514_string(DEV_OPERATOR_DN))
+        .issuer_name(ca_name)
+        .public_key(op_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=825))
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
     pem = serialization.Encoding.PEM
+    pkcs8 = serialization.PrivateFormat.PKCS8
     ca_path.write_bytes(ca.public_bytes(pem))
     cert_path.write_bytes(cert.public_bytes(pem) + ca.public_bytes(pem))
+    _write_private(key_path, key.private_bytes(pem, pkcs8, serialization.NoEncryption()))
+    (directory / "dev-operator.pem").write_bytes(operator.public_bytes(pem))
     _write_private(
-        key_path,
-        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
+        directory / "dev-operator.key",
+        op_key.private_bytes(pem, pkcs8, serialization.NoEncryption()),
+    )
+    (directory / "dev-whitelist.xml").write_text(
+        _dev_whitelist(DEV_OPERATOR_DOMAINS, DEV_OPERATOR_DN), encoding="utf-8"
     )
     return ca_path, cert_path, key_path

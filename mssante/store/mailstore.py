@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -47,7 +48,12 @@ class Envelope:
 
 class MailStore:
     def __init__(
-        self, *, blobs: BlobStore, writer: Writer, trust: TrustSpace, keyring: Keyring
+        self,
+        *,
+        blobs: BlobStore,
+        writer: Writer,
+        trust: Callable[[], TrustSpace],
+        keyring: Keyring,
     ) -> None:
         self.blobs = blobs
         self._writer = writer
@@ -98,6 +104,6 @@ class MailStore:
         )
         return await self._writer.run(
             lambda session: store_message(
-                session, incoming, env.recipients, trust=self._trust, keyring=self._keyring
+                session, incoming, env.recipients, trust=self._trust(), keyring=self._keyring
             )
         )

@@ -128,6 +128,7 @@ async def purge(
     report = await writer.run(
         lambda s: _purge(s, now=now, trash_days=trash_days, audit_days=audit_days, actor=actor)
     )
+
     # Only after the commit: the rows pointing to these blobs are gone.
     def delete_blobs() -> None:
         for key in report.blob_keys:

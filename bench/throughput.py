@@ -1,0 +1,827 @@
+"""Throughput benchmark of the SMTP gateway against two aiosmtpd baselines.
+
+Run with ``./dev bench [options]`` (= ``.venv/bin/python bench/throughput.py``).
+See BENCHMARKS.md for what is measured and the latest results.
+
+Targets, all started here as subprocesses on 127.0.0.1 and a free port:
+
+- ``mssante``: the real server, ``python -m mssante serve --demo``, on a fresh
+  temporary data directory, plaintext (see MSSANTE_PLAINTEXT);
+- ``stock``: stock aiosmtpd whose handler only answers 250 (bench/stock_aiosmtpd.py);
+- ``naive``: the same, committing each message to SQLite (WAL,
+  ``synchronous=FULL``) in its own transaction before 250.
+
+Load: one new connection per message (greeting, EHLO, MAIL, RCPT, DATA,
+message, QUIT), ``sessions`` concurrent loops, realistic MIME messages with a
+PDF attachment.  For each cell (target x size x sessions): a warm-up, then a
+measured run bounded by ``--seconds`` and ``--messages``.  Cells are run
+target after target for each (size, sessions), so the ratios compare runs
+made minutes apart at most.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ctypes
+import hashlib
+import itertools
+import json
+import os
+import platform
+import re
+import shlex
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from email.message import EmailMessage
+from email.policy import SMTP as SMTP_POLICY
+from email.utils import format_datetime
+from pathlib import Path
+from types import TracebackType
+
+from rich.console import Console
+from rich.table import Table
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # run as a script from anywhere: import mssante.demo
+
+from mssante import demo  # noqa: E402
+
+HOST = "127.0.0.1"
+SENDER = "dr.durand@chu-exemple.mssante.fr"
+PATIENT_DOMAIN = "patient.mssante.fr"
+# The demo patients whose profile accepts mail (activated or created).
+PATIENTS = (demo.ACTIVATED, demo.CREATED_EMAIL, demo.CREATED_POSTAL, demo.CORSICAN)
+EHLO_NAME = "smtp.chu-exemple.mssante.fr"
+KB = 1000  # sizes are in kB (10^3 octets) of the message as sent, after dot-stuffing
+REPLY_TIMEOUT = 60.0
+START_TIMEOUT = 60.0
+STOP_TIMEOUT = 15.0
+MSGID_MARK = b"@@BENCH-MSGID@@"
+MSGID_LEN = len("<mssante-200-50.1234.123456@chu-exemple.mssante.fr>")  # typical
+# This benchmark measures the plaintext path, so mssante is told not to
+# require STARTTLS nor a trust-space client certificate (both on by default).
+# The TLS variant will drop these, give ClientConfig a context with the
+# development CA and operator certificate of the data dir (tls/dev-ca.pem,
+# tls/dev-operator.pem, as `mssante send-test` does) and give the baselines
+# a certificate too.
+MSSANTE_PLAINTEXT = {
+    "MSSANTE_SMTP__REQUIRE_TLS": "false",
+    "MSSANTE_TRUST__REQUIRE_CLIENT_CERTIFICATE": "false",
+}
+
+# Wide enough for the results table when the output is a file or a pipe.
+console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+
+
+# --- messages -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Payload:
+    """One message as DATA bytes, split around its Message-ID so each send is unique.
+
+    ``head + msgid + body + END`` is what goes on the wire: CRLF line endings,
+    dot-stuffed; ``body`` does not end with CRLF, ``END`` is the final
+    ``<CRLF>.<CRLF>``.
+    """
+
+    recipient: str
+    head: bytes
+    body: bytes
+
+    END = b"\r\n.\r\n"
+
+    @property
+    def size(self) -> int:
+        return len(self.head) + len(self.body) + MSGID_LEN + len(self.END)
+
+
+def _message(recipient: str, pdf_size: int) -> bytes:
+    pdf = bytearray(b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n")
+    pdf += os.urandom(max(pdf_size - len(pdf) - 6, 0))
+    pdf += b"%%EOF\n"
+    msg = EmailMessage()
+    msg["From"] = f"Dr Alice Durand <{SENDER}>"
+    msg["To"] = recipient
+    msg["Subject"] = "Compte rendu de consultation"
+    msg["Date"] = format_datetime(datetime.now(UTC))
+    msg["Message-ID"] = MSGID_MARK.decode()
+    msg["X-MSS-NIL"] = "mssante-bench/0.1"
+    msg.set_content(
+        "Bonjour,\n\nVous trouverez ci-joint le compte rendu de votre consultation "
+        "du 21 novembre et l'ordonnance correspondante.\n\n"
+        "Bien cordialement,\nDr Alice Durand\nService de cardiologie, CHU Exemple\n"
+    )
+    msg.add_attachment(
+        bytes(pdf), maintype="application", subtype="pdf", filename="compte-rendu.pdf"
+    )
+    return msg.as_bytes(policy=SMTP_POLICY)
+
+
+def dot_stuff(raw: bytes) -> bytes:
+    """RFC 5321 4.5.2: a line starting with a dot gets one more."""
+    stuffed = raw.replace(b"\r\n.", b"\r\n..")
+    return b"." + stuffed if stuffed.startswith(b".") else stuffed
+
+
+def build_payload(recipient: str, size: int) -> Payload:
+    """A message of about ``size`` octets on the wire (text part + base64 PDF)."""
+    pdf_size = max(size * 3 // 4, 1000)
+    for _ in range(6):  # base64 and MIME overhead: converge on the wanted size
+        raw = _message(recipient, pdf_size)
+        if abs(len(raw) - size) < 64:
+            break
+        pdf_size = max(pdf_size + (size - len(raw)) * 57 // 78, 100)
+    assert b"\n" not in raw.replace(b"\r\n", b""), "bare LF in message"
+    wire = dot_stuff(raw.removesuffix(b"\r\n"))
+    head, mark, body = wire.partition(MSGID_MARK)
+    assert mark, "Message-ID placeholder not found"
+    return Payload(recipient, head, body)
+
+
+# --- SMTP client ----------------------------------------------------------------------
+
+
+class SmtpFailure(Exception):
+    """A reply the client did not expect (its code and first line are the error kind)."""
+
+    def __init__(self, stage: str, code: int, text: str) -> None:
+        super().__init__(f"{stage}: {code} {text}")
+        self.stage = stage
+        self.code = code
+        self.text = text
+
+
+@dataclass
+class ClientConfig:
+    host: str
+    port: int
+    # Hook for the TLS variant (not wired to an option yet): with a context,
+    # the client sends STARTTLS after EHLO and says EHLO again.  See
+    # MSSANTE_PLAINTEXT for what else that variant needs.
+    tls: ssl.SSLContext | None = None
+    tls_server_name: str | None = None
+
+
+async def _reply(reader: asyncio.StreamReader) -> tuple[int, str]:
+    first = ""
+    while True:
+        line = await reader.readline()
+        if not line:
+            raise ConnectionError("connection closed by server")
+        text = line.decode("ascii", "replace").rstrip("\r\n")
+        first = first or text[4:]
+        if text[3:4] != "-":
+            return int(text[:3]), first
+
+
+async def _expect(reader: asyncio.StreamReader, stage: str, want: int) -> None:
+    code, text = await _reply(reader)
+    if code != want:
+        raise SmtpFailure(stage, code, text)
+
+
+async def _command(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, stage: str, line: str, want: int
+) -> None:
+    writer.write(line.encode("ascii") + b"\r\n")
+    await _expect(reader, stage, want)
+
+
+@dataclass
+class Timing:
+    time_to_250: float  # final <CRLF>.<CRLF> written -> 250 reply read
+    transaction: float  # connect -> QUIT answered and socket closed
+
+
+async def transaction(config: ClientConfig, payload: Payload, msgid: bytes) -> Timing:
+    """One message on one new connection.  Raises on any failure.
+
+    Commands are sent one at a time (no PIPELINING), like a plain client.
+    """
+    stage = ["connect"]  # for exceptions that are not replies
+    t0 = time.perf_counter()
+    try:
+        async with asyncio.timeout(REPLY_TIMEOUT):
+            reader, writer = await asyncio.open_connection(config.host, config.port)
+        try:
+            # drain() then waits until every byte is in the kernel: the time of
+            # the end mark below is the time it was really sent.
+            writer.transport.set_write_buffer_limits(high=0)
+            async with asyncio.timeout(REPLY_TIMEOUT):
+                stage[0] = "greeting"
+                await _expect(reader, "greeting", 220)
+                stage[0] = "EHLO"
+                await _command(reader, writer, "EHLO", f"EHLO {EHLO_NAME}", 250)
+                if config.tls is not None:
+                    stage[0] = "STARTTLS"
+                    await _command(reader, writer, "STARTTLS", "STARTTLS", 220)
+                    await writer.start_tls(config.tls, server_hostname=config.tls_server_name)
+                    await _command(reader, writer, "EHLO", f"EHLO {EHLO_NAME}", 250)
+                stage[0] = "MAIL"
+                await _command(
+                    reader, writer, "MAIL", f"MAIL FROM:<{SENDER}> SIZE={payload.size}", 250
+                )
+                stage[0] = "RCPT"
+                await _command(reader, writer, "RCPT", f"RCPT TO:<{payload.recipient}>", 250)
+                stage[0] = "DATA"
+                await _command(reader, writer, "DATA", "DATA", 354)
+                stage[0] = "message"
+                writer.write(payload.head)
+                writer.write(msgid)
+                writer.write(payload.body)
+                await writer.drain()
+                writer.write(Payload.END)  # buffer empty: sent at once
+                t_end = time.perf_counter()
+                stage[0] = "end of data"
+                await _expect(reader, "end of data", 250)
+                t_250 = time.perf_counter()
+                stage[0] = "QUIT"
+                await _command(reader, writer, "QUIT", "QUIT", 221)
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError, ssl.SSLError):
+                await writer.wait_closed()
+    except SmtpFailure:
+        raise
+    except TimeoutError as exc:
+        raise SmtpFailure(stage[0], 0, "client timeout") from exc
+    except Exception as exc:
+        raise SmtpFailure(stage[0], 0, type(exc).__name__) from exc
+    return Timing(t_250 - t_end, time.perf_counter() - t0)
+
+
+# --- servers --------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM if the benchmark itself is killed (Linux)."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+class Server:
+    """A server subprocess: started, probed until it delivers, stopped for sure."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], log: Path) -> None:
+        self.name = name
+        self.argv = argv
+        self.env = env
+        self.log = log
+        self.port = int(env["BENCH_PORT"])
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> Server:
+        with self.log.open("wb") as out:
+            self.proc = subprocess.Popen(
+                self.argv,
+                cwd=REPO,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                # Own session: a Ctrl-C in the terminal reaches only us, and we
+                # stop the servers in order (SIGTERM, then SIGKILL).
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
+        return self
+
+    def __exit__(
+        self, _t: type[BaseException] | None, _e: BaseException | None, _tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self) -> None:
+        proc = self.proc
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            console.print(
+                f"[yellow]{self.name}: no exit {STOP_TIMEOUT:.0f} s after SIGTERM, SIGKILL"
+            )
+            proc.kill()
+            proc.wait()
+        if proc.returncode not in (0, -signal.SIGTERM):
+            console.print(f"[yellow]{self.name}: exit status {proc.returncode} after SIGTERM")
+
+    async def wait_ready(self, probe: Payload) -> None:
+        """Until the port accepts and a probe message gets its 250 (demo data seeded)."""
+        deadline = time.monotonic() + START_TIMEOUT
+        config = ClientConfig(HOST, self.port)
+        last = "no connection yet"
+        while time.monotonic() < deadline:
+            if not self.alive():
+                raise RuntimeError(f"{self.name} exited during start-up:\n{self.log_tail()}")
+            try:
+                await transaction(config, probe, b"<probe@bench.invalid>")
+                return
+            except SmtpFailure as exc:
+                last = str(exc)
+                # Not listening yet, or the demo patients not seeded yet
+                # (550 at RCPT): try again.  Anything else is a broken server.
+                if exc.stage not in ("connect", "greeting", "RCPT"):
+                    raise RuntimeError(
+                        f"{self.name}: probe message failed: {exc}\n{self.log_tail()}"
+                    ) from exc
+            await asyncio.sleep(0.1)
+        raise RuntimeError(f"{self.name} not ready after {START_TIMEOUT:.0f} s ({last})")
+
+    def cpu_seconds(self) -> float:
+        """utime + stime of the process (all its threads), from /proc."""
+        stat = Path(f"/proc/{self.pid}/stat").read_text()
+        fields = stat.rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+    def peak_rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def reset_peak_rss(self) -> bool:
+        """Reset VmHWM to the current RSS (Linux >= 4.0); False if not allowed."""
+        try:
+            Path(f"/proc/{self.pid}/clear_refs").write_text("5")
+        except OSError:
+            return False
+        return True
+
+    def log_tail(self, lines: int = 20) -> str:
+        text = self.log.read_text(errors="replace").splitlines()
+        return "\n".join(text[-lines:])
+
+    def log_levels(self) -> Counter[str]:
+        """Lines per level in the server log (mssante's logging format)."""
+        counts: Counter[str] = Counter()
+        for line in self.log.read_text(errors="replace").splitlines():
+            m = re.match(r"\S+ \S+ (DEBUG|INFO|WARNING|ERROR|CRITICAL) ", line)
+            if m:
+                counts[m.group(1)] += 1
+            elif line.startswith("Traceback"):
+                counts["Traceback"] += 1
+        return counts
+
+
+def make_server(name: str, tmp: Path) -> Server:
+    port = free_port()
+    env = dict(os.environ)
+    env["BENCH_PORT"] = str(port)
+    env["PYTHONUNBUFFERED"] = "1"
+    log = tmp / f"{name}.log"
+    python = sys.executable
+    if name == "mssante":
+        data = tmp / "mssante-data"
+        env |= {
+            "MSSANTE_STORE__DATA_DIR": str(data),
+            "MSSANTE_SMTP__HOST": HOST,
+            "MSSANTE_SMTP__PORT": str(port),
+            **MSSANTE_PLAINTEXT,
+        }
+        argv = [python, "-m", "mssante", "serve", "--demo"]
+    elif name == "stock":
+        argv = [python, str(REPO / "bench" / "stock_aiosmtpd.py"), str(port)]
+    elif name == "naive":
+        db = tmp / "naive" / "naive.db"
+        db.parent.mkdir()
+        argv = [python, str(REPO / "bench" / "stock_aiosmtpd.py"), str(port), "--sqlite", str(db)]
+    else:
+        raise ValueError(name)
+    return Server(name, argv, env, log)
+
+
+# --- load -----------------------------------------------------------------------------
+
+
+@dataclass
+class CellResult:
+    target: str
+    size_kb: int
+    sessions: int
+    messages: int = 0
+    elapsed: float = 0.0
+    errors: int = 0
+    error_kinds: dict[str, int] = field(default_factory=dict)
+    warmup_errors: dict[str, int] = field(default_factory=dict)  # not in "errors"
+    msgs_per_s: float = 0.0
+    t250_p50_ms: float = float("nan")
+    t250_p99_ms: float = float("nan")
+    txn_p50_ms: float = float("nan")
+    txn_p99_ms: float = float("nan")
+    server_cpu_s_per_msg: float = float("nan")
+    server_peak_rss_mb: float = float("nan")
+    peak_rss_since_start: bool = False
+    client_cpu_frac: float = float("nan")
+    note: str = ""
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Linear interpolation between closest ranks; NaN when empty."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q
+    low = int(pos)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+
+
+@dataclass
+class _Load:
+    timings: list[Timing] = field(default_factory=list)
+    errors: Counter[str] = field(default_factory=Counter)
+    started: int = 0
+
+
+async def run_load(
+    config: ClientConfig,
+    payloads: Sequence[Payload],
+    sessions: int,
+    *,
+    seconds: float,
+    messages: int,
+    tag: str,
+) -> tuple[_Load, float]:
+    """``sessions`` loops of one-message transactions until a budget is spent.
+
+    A loop takes a ticket before each transaction, so at most ``messages``
+    are sent; none starts after ``seconds``; those under way are finished.
+    Returns the outcome and the wall time from start to the last completion.
+    """
+    load = _Load()
+    deadline = time.perf_counter() + seconds
+    rotation = itertools.cycle(payloads)
+
+    async def loop() -> None:
+        while load.started < messages and time.perf_counter() < deadline:
+            n = load.started
+            load.started += 1
+            payload = next(rotation)
+            msgid = f"<{tag}.{n}.{os.getpid()}@chu-exemple.mssante.fr>".encode()
+            try:
+                load.timings.append(await transaction(config, payload, msgid))
+            except SmtpFailure as exc:
+                kind = f"{exc.code} {exc.text}" if exc.code else exc.text
+                load.errors[f"{exc.stage}: {kind}"] += 1
+                await asyncio.sleep(0.01)  # a dead server must not make a busy loop
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(loop() for _ in range(sessions)))
+    return load, time.perf_counter() - t0
+
+
+async def run_cell(
+    server: Server,
+    payloads: Sequence[Payload],
+    size_kb: int,
+    sessions: int,
+    args: argparse.Namespace,
+) -> CellResult:
+    result = CellResult(server.name, size_kb, sessions)
+    if not server.alive():
+        result.note = "server not running"
+        return result
+    config = ClientConfig(HOST, server.port)
+    tag = f"{server.name}-{size_kb}-{sessions}"
+    if args.warmup > 0:
+        warm, _ = await run_load(
+            config, payloads, sessions, seconds=args.warmup, messages=10**9, tag=f"w{tag}"
+        )
+        result.warmup_errors = dict(warm.errors)
+    rss_reset = server.reset_peak_rss()
+    cpu0 = server.cpu_seconds()
+    client0 = time.process_time()
+    load, elapsed = await run_load(
+        config, payloads, sessions, seconds=args.seconds, messages=args.messages, tag=tag
+    )
+    client_cpu = time.process_time() - client0
+    if not server.alive():
+        result.note = "server died during the cell"
+    else:
+        cpu = server.cpu_seconds() - cpu0
+        result.server_peak_rss_mb = server.peak_rss_mb()
+        result.peak_rss_since_start = not rss_reset
+        if load.timings:
+            result.server_cpu_s_per_msg = cpu / len(load.timings)
+    result.messages = len(load.timings)
+    result.elapsed = elapsed
+    result.errors = sum(load.errors.values())
+    result.error_kinds = dict(load.errors)
+    result.msgs_per_s = result.messages / elapsed if elapsed > 0 else 0.0
+    t250 = [t.time_to_250 * 1000 for t in load.timings]
+    txn = [t.transaction * 1000 for t in load.timings]
+    result.t250_p50_ms = percentile(t250, 0.50)
+    result.t250_p99_ms = percentile(t250, 0.99)
+    result.txn_p50_ms = percentile(txn, 0.50)
+    result.txn_p99_ms = percentile(txn, 0.99)
+    result.client_cpu_frac = client_cpu / elapsed if elapsed > 0 else float("nan")
+    return result
+
+
+# --- report ---------------------------------------------------------------------------
+
+
+def source_fingerprint() -> str:
+    """SHA-256 (12 hex) of the server's sources: which code a result belongs to."""
+    digest = hashlib.sha256()
+    for path in sorted((REPO / "mssante").rglob("*.py")):
+        digest.update(str(path.relative_to(REPO)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:12]
+
+
+def machine() -> dict[str, str]:
+    cpu = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.partition(":")[2].strip()
+                break
+    return {
+        "nproc": str(os.cpu_count()),
+        "cpu": cpu,
+        "python": f"{platform.python_implementation()} {platform.python_version()}",
+        "kernel": platform.release(),
+        "sources": source_fingerprint(),
+    }
+
+
+def filesystem_of(path: Path) -> str:
+    """``device fstype`` of the mount holding ``path`` (fsync cost depends on it)."""
+    best = ("", "?", "?")
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/mounts").read_text().splitlines():
+            dev, mount, fstype, *_ = line.split()
+            if str(path).startswith(mount) and len(mount) >= len(best[0]):
+                best = (mount, dev, fstype)
+    return f"{best[1]} {best[2]} (mounted on {best[0]})"
+
+
+def _f(value: float, digits: int = 1) -> str:
+    return "-" if value != value else f"{value:.{digits}f}"  # NaN -> "-"
+
+
+def results_table(results: Sequence[CellResult]) -> Table:
+    table = Table(title="Throughput (one new connection per message)")
+    for name, justify in (
+        ("target", "left"),
+        ("size kB", "right"),
+        ("sessions", "right"),
+        ("msgs", "right"),
+        ("msgs/s", "right"),
+        ("t250 p50 ms", "right"),
+        ("t250 p99 ms", "right"),
+        ("txn p99 ms", "right"),
+        ("errors", "right"),
+        ("srv CPU ms/msg", "right"),
+        ("srv peak RSS MiB", "right"),
+        ("client CPU", "right"),
+    ):
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    for r in results:
+        table.add_row(
+            r.target,
+            str(r.size_kb),
+            str(r.sessions),
+            str(r.messages),
+            _f(r.msgs_per_s),
+            _f(r.t250_p50_ms, 2),
+            _f(r.t250_p99_ms, 2),
+            _f(r.txn_p99_ms, 2),
+            f"[bold red]{r.errors}[/]" if r.errors else "0",
+            _f(r.server_cpu_s_per_msg * 1000, 2),
+            _f(r.server_peak_rss_mb) + ("*" if r.peak_rss_since_start else ""),
+            _f(r.client_cpu_frac * 100, 0) + "%",
+        )
+    return table
+
+
+def ratios(results: Sequence[CellResult]) -> list[dict[str, object]]:
+    by_key = {(r.target, r.size_kb, r.sessions): r for r in results}
+    rows: list[dict[str, object]] = []
+    for r in results:
+        if r.target != "mssante":
+            continue
+        row: dict[str, object] = {"size_kb": r.size_kb, "sessions": r.sessions}
+        for base in ("stock", "naive"):
+            other = by_key.get((base, r.size_kb, r.sessions))
+            if other is not None and other.msgs_per_s > 0:
+                row[f"mssante/{base}"] = r.msgs_per_s / other.msgs_per_s
+        if len(row) > 2:
+            rows.append(row)
+    return rows
+
+
+def ratio_table(rows: Sequence[dict[str, object]]) -> Table:
+    table = Table(title="mssante msgs/s relative to the baselines (same run)")
+    for name in ("size kB", "sessions", "mssante / stock", "mssante / naive"):
+        table.add_column(name, justify="right")
+    for row in rows:
+        cells = []
+        for base in ("mssante/stock", "mssante/naive"):
+            value = row.get(base)
+            cells.append(f"{value:.2f}" if isinstance(value, float) else "-")
+        table.add_row(str(row["size_kb"]), str(row["sessions"]), *cells)
+    return table
+
+
+# --- main -----------------------------------------------------------------------------
+
+TARGETS = ("mssante", "stock", "naive")
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"comma-separated integers expected: {text!r}") from exc
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"positive integers expected: {text!r}")
+    return values
+
+
+def _targets(text: str) -> list[str]:
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = [n for n in names if n not in TARGETS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"targets among {', '.join(TARGETS)}; got {text!r}")
+    return names
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="bench/throughput.py",
+        description="SMTP throughput of mssante against stock aiosmtpd baselines (loopback).",
+    )
+    parser.add_argument("--sizes", type=_int_list, default=[20, 200], help="message sizes, kB")
+    parser.add_argument(
+        "--sessions", type=_int_list, default=[1, 10, 50], help="concurrent sessions"
+    )
+    parser.add_argument("--seconds", type=float, default=8.0, help="measured time per cell")
+    parser.add_argument("--messages", type=int, default=3000, help="message cap per cell")
+    parser.add_argument("--warmup", type=float, default=1.0, help="warm-up seconds per cell")
+    parser.add_argument("--targets", type=_targets, default=list(TARGETS), help="servers to run")
+    parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="write results")
+    parser.add_argument(
+        "--tmpdir",
+        type=Path,
+        default=None,
+        help="where the temporary data directories go (default: $TMPDIR or /tmp)",
+    )
+    parser.add_argument(
+        "--keep-logs", action="store_true", help="copy the server logs next to --json"
+    )
+    return parser.parse_args(argv)
+
+
+def header(args: argparse.Namespace, info: dict[str, str], tmp: Path) -> None:
+    command = shlex.join([sys.executable, *sys.argv])
+    console.print(f"[bold]command[/]  {command}")
+    console.print(
+        f"[bold]machine[/]  nproc={info['nproc']}  cpu={info['cpu']}  "
+        f"python={info['python']}  kernel={info['kernel']}"
+    )
+    console.print(f"[bold]data dir[/] {tmp} on {filesystem_of(tmp)}")
+    console.print(f"[bold]sources[/]  mssante/**/*.py sha256 {info['sources']}")
+    overrides = " ".join(f"{k}={v}" for k, v in MSSANTE_PLAINTEXT.items())
+    console.print(f"[bold]mssante[/]  no TLS: {overrides}")
+    inherited = sorted(k for k in os.environ if k.startswith("MSSANTE_"))
+    if inherited:
+        console.print(f"[yellow]inherited environment (also seen by mssante): {inherited}")
+    console.print(
+        f"[bold]plan[/]     targets={','.join(args.targets)} sizes={args.sizes} kB "
+        f"sessions={args.sessions} warm-up={args.warmup:g} s "
+        f"cell<= {args.seconds:g} s / {args.messages} msgs"
+    )
+
+
+async def run_all(
+    args: argparse.Namespace, servers: dict[str, Server], payloads: dict[int, list[Payload]]
+) -> list[CellResult]:
+    for name, server in servers.items():
+        t0 = time.monotonic()
+        await server.wait_ready(payloads[min(payloads)][0])
+        console.print(f"{name}: ready on {HOST}:{server.port} in {time.monotonic() - t0:.1f} s")
+    results: list[CellResult] = []
+    for size_kb in args.sizes:
+        for sessions in args.sessions:
+            for name in args.targets:
+                r = await run_cell(servers[name], payloads[size_kb], size_kb, sessions, args)
+                results.append(r)
+                console.print(
+                    f"  {name:8} {size_kb:4} kB {sessions:3} sessions: "
+                    f"{r.messages:5} msgs {r.msgs_per_s:7.1f}/s  "
+                    f"t250 p50 {_f(r.t250_p50_ms, 2)} ms  errors {r.errors}"
+                    + (f"  [red]{r.note}" if r.note else "")
+                )
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    info = machine()
+    payloads = {
+        kb: [build_payload(f"{ins}@{PATIENT_DOMAIN}", kb * KB) for ins in PATIENTS]
+        for kb in args.sizes
+    }
+    # A SIGTERM to the benchmark unwinds like Ctrl-C: servers are stopped.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    results: list[CellResult] = []
+    levels: dict[str, dict[str, int]] = {}
+    with tempfile.TemporaryDirectory(prefix="mssante-bench-", dir=args.tmpdir) as tmp_name:
+        tmp = Path(tmp_name)
+        header(args, info, tmp)
+        sizes = ", ".join(f"{kb} kB -> {payloads[kb][0].size} octets" for kb in args.sizes)
+        console.print(f"[bold]messages[/] {sizes}")
+        servers: dict[str, Server] = {}
+        try:
+            with contextlib.ExitStack() as stack:
+                for name in args.targets:
+                    servers[name] = stack.enter_context(make_server(name, tmp))
+                results = asyncio.run(run_all(args, servers, payloads))
+                for name, server in servers.items():
+                    if not server.alive():
+                        console.print(f"[red]{name} is not running:\n{server.log_tail()}")
+            # Servers stopped (SIGTERM): their logs are complete.
+            for name, server in servers.items():
+                levels[name] = dict(server.log_levels())
+                if args.keep_logs and args.json is not None:
+                    dest = args.json.with_name(f"{args.json.stem}.{name}.log")
+                    dest.write_bytes(server.log.read_bytes())
+        except KeyboardInterrupt:
+            console.print("[yellow]interrupted: servers stopped")
+            return 130
+
+    if source_fingerprint() != info["sources"]:
+        console.print(
+            "[yellow]mssante sources changed during the run (servers use the code at start)"
+        )
+    console.print()
+    console.print(results_table(results))
+    if any(r.peak_rss_since_start for r in results):
+        console.print("* peak RSS since server start (VmHWM could not be reset)")
+    ratio_rows = ratios(results)
+    if ratio_rows:
+        console.print(ratio_table(ratio_rows))
+    errors = [r for r in results if r.errors or r.note or r.warmup_errors]
+    for r in errors:
+        console.print(f"[red]{r.target} {r.size_kb} kB x{r.sessions}: {r.note}")
+        for kind, n in sorted(r.error_kinds.items(), key=lambda kv: -kv[1]):
+            console.print(f"[red]    {n:5}  {kind}")
+        for kind, n in sorted(r.warmup_errors.items(), key=lambda kv: -kv[1]):
+            console.print(f"[red]    {n:5}  {kind} (during the warm-up)")
+    for name, counts in levels.items():
+        bad = {k: v for k, v in counts.items() if k not in ("INFO", "DEBUG")}
+        if bad:
+            console.print(f"[yellow]{name} log: {bad}")
+
+    if args.json is not None:
+        report = {
+            "command": shlex.join([sys.executable, *sys.argv]),
+            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "machine": info,
+            "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+            "message_octets": {kb: payloads[kb][0].size for kb in args.sizes},
+            "results": [asdict(r) for r in results],
+            "ratios": ratio_rows,
+            "server_log_levels": levels,
+        }
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        console.print(f"results written to {args.json}")
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
