@@ -20,6 +20,7 @@ from mssante.pseudonym import Pseudonymizer
 from mssante.routing.recipient import RecipientRouter
 from mssante.routing.trust import TrustSpace, WhitelistError, read_whitelist
 from mssante.settings import Settings
+from mssante.smtp.limits import AbuseGuard, Limits
 from mssante.smtp.listener import SmtpListener
 from mssante.smtp.session import Policy
 from mssante.smtp.tls import ensure_dev_certificate, server_context
@@ -172,6 +173,7 @@ class Gateway:
             clock=self.clock,
             trust=lambda: self.trust.space,
             check_senders=settings.trust.require_client_certificate,
+            abuse=AbuseGuard(Limits(**settings.limits.model_dump()), self.clock),
         )
         self.smtp = SmtpListener(
             policy,

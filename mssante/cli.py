@@ -121,8 +121,14 @@ def store() -> None:
 
 
 @store.command("check")
+@click.option(
+    "--remove-orphans",
+    is_flag=True,
+    help="Delete blobs no message refers to (left by crashes before a commit; "
+    "only with every gateway stopped).",
+)
 @click.pass_context
-def store_check(ctx: click.Context) -> None:
+def store_check(ctx: click.Context, remove_orphans: bool) -> None:
     """Check blobs, encryption and the audit chain; exit 1 on any problem."""
     from mssante.store.check import check_store
 
@@ -139,6 +145,12 @@ def store_check(ctx: click.Context) -> None:
             )
 
     report = _run(_with_store(_settings(ctx), run))
+    if remove_orphans and report.orphans:
+        st = Store(_settings(ctx))
+        for key in report.orphans:
+            st.blobs.delete(key)
+        click.echo(f"removed {len(report.orphans)} orphan blobs")
+        report.problems = [p for p in report.problems if not p.startswith("orphan blob")]
     for problem in report.problems:
         click.echo(f"PROBLEM {problem}")
     click.echo(
@@ -415,15 +427,17 @@ def serve(ctx: click.Context, with_demo: bool) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
 
     async def run() -> None:
-        gateway = Gateway(settings)
-        await gateway.start()
-        if with_demo:
-            await seed_demo(gateway.store)
-            click.echo(_demo_banner(settings, gateway.smtp.port))
+        # Handlers first: a SIGTERM during start-up still stops cleanly.
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+        gateway = Gateway(settings)
+        loop.add_signal_handler(signal.SIGHUP, gateway.trust.reload)
+        await gateway.start()
+        if with_demo:
+            await seed_demo(gateway.store)
+            click.echo(_demo_banner(settings, gateway.smtp.port))
         await stop.wait()
         await gateway.stop()
 

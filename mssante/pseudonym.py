@@ -8,11 +8,13 @@ layout would be reversed by brute force in minutes).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
-import os
 import secrets
 from pathlib import Path
+
+from mssante.durable import write_file
 
 
 class Pseudonymizer:
@@ -27,7 +29,6 @@ class Pseudonymizer:
     def from_key_file(cls, path: Path) -> Pseudonymizer:
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(secrets.token_bytes(32))
+            with contextlib.suppress(FileExistsError):  # another process made it first
+                write_file(path, secrets.token_bytes(32), exclusive=True)
         return cls(path.read_bytes())

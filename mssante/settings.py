@@ -107,6 +107,27 @@ class NotifySettings(_Section):
     webmail_url: str = Field("http://127.0.0.1:8080/", description="Link given in notifications.")
 
 
+class LimitsSettings(_Section):
+    """Abuse limits per peer identity (certificate subject, else IP): see smtp/limits.py."""
+
+    messages_per_minute: int = Field(120, ge=1, description="Messages a peer may start per minute.")
+    recipients_per_message: int = Field(
+        100, ge=1, description="RCPT per message before 452 4.5.3 (RFC 5321 asks for 100)."
+    )
+    bad_recipients_per_session: int = Field(
+        5, ge=1, description="Refused recipients in one session before every RCPT gets 450 4.7.1."
+    )
+    bad_recipients_per_day: int = Field(
+        50, ge=1, description="Refused recipients per rolling 24 h before every RCPT gets 450."
+    )
+    close_after_bad_in_session: int = Field(
+        10, ge=1, description="Strikes in one session before it is closed with 421."
+    )
+    tracked_identities: int = Field(
+        10_000, ge=1, description="Peers remembered at most (least recently seen forgotten)."
+    )
+
+
 class RetentionSettings(_Section):
     trash_days: int = Field(
         30, ge=0, description="Days a message stays in a patient's trash before it is purged."
@@ -122,6 +143,7 @@ class Settings(_Section):
     trust: TrustSettings = Field(default_factory=TrustSettings)
     notify: NotifySettings = Field(default_factory=NotifySettings)
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
+    limits: LimitsSettings = Field(default_factory=LimitsSettings)
 
 
 class SettingsError(Exception):

@@ -126,9 +126,9 @@ async def test_crypto_shredding_erases_one_patient_only(gateway: Gateway, clock:
 
 
 async def test_key_rotation_rewraps_without_touching_bodies(
-    data_dir: Path, clock: FakeClock
+    data_dir: Path, db_url: str, clock: FakeClock
 ) -> None:
-    settings = make_settings(data_dir)
+    settings = make_settings(data_dir, database_url=db_url)
     gw = Gateway(settings, clock=clock)
     await gw.start()
     await seed_demo(gw.store)

@@ -207,11 +207,13 @@ async def test_stored_bytes_are_exactly_what_was_sent(gateway: Gateway) -> None:
     assert message.attachment_count == 1
 
 
-async def test_message_survives_restart_byte_identical(data_dir, clock: FakeClock) -> None:  # type: ignore[no-untyped-def]
+async def test_message_survives_restart_byte_identical(  # type: ignore[no-untyped-def]
+    data_dir, db_url: str, clock: FakeClock
+) -> None:
     from mssante.cli import seed_demo
     from tests.conftest import make_settings
 
-    settings = make_settings(data_dir)
+    settings = make_settings(data_dir, database_url=db_url)
     gw = Gateway(settings, clock=clock)
     await gw.start()
     await seed_demo(gw.store)

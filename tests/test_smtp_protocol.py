@@ -78,11 +78,11 @@ async def test_oversize_data_refused_and_nothing_kept(gateway: Gateway) -> None:
 
 
 async def test_oversize_25mb_default_streams_without_holding_it(
-    data_dir: Path, clock: FakeClock
+    data_dir: Path, db_url: str, clock: FakeClock
 ) -> None:
     from mssante.cli import seed_demo
 
-    gw = Gateway(make_settings(data_dir), clock=clock)  # default limit: 25 MB
+    gw = Gateway(make_settings(data_dir, database_url=db_url), clock=clock)  # default limit: 25 MB
     await gw.start()
     await seed_demo(gw.store)
     try:

@@ -116,3 +116,17 @@ def test_cli_exit_codes(tmp_path: Path) -> None:
     assert len(head.stdout.strip()) == 64
     bad = mssante(data_dir, "audit", "verify", "--expect-head", "0" * 63 + "1")
     assert bad.returncode == 1 and "PROBLEM" in bad.stdout
+
+
+@pytest.mark.slow
+def test_cli_removes_orphan_blobs(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    assert mssante(data_dir, "store", "check").returncode == 0
+    stray = data_dir / "blobs" / "cd" / "cd" / ("cd" * 16)
+    stray.parent.mkdir(parents=True)
+    stray.write_bytes(b"left by a crash")
+    found = mssante(data_dir, "store", "check")
+    assert found.returncode == 1 and "orphan blob" in found.stdout
+    fixed = mssante(data_dir, "store", "check", "--remove-orphans")
+    assert fixed.returncode == 0, fixed.stdout
+    assert not stray.exists()

@@ -49,29 +49,13 @@ from collections import OrderedDict
 from dataclasses import dataclass, fields
 
 from mssante.clock import Clock
-from mssante.smtp.replies import Reply
-
-# --- replies: these move to mssante/smtp/replies.py when the limits are wired --
-TOO_MANY_MESSAGES = Reply(
-    451,
-    "4.7.0",
-    "Trop de messages, reessayez plus tard"
-    " / Rate limit exceeded: too many messages, try again later",
+from mssante.smtp.replies import (
+    PROBING_CLOSED,
+    TOO_MANY_BAD_RECIPIENTS,
+    TOO_MANY_MESSAGES,
+    TOO_MANY_RECIPIENTS,
+    Reply,
 )
-# RFC 5321 4.5.3.1.10: 452 for too many recipients; the client sends the
-# rest in another transaction.  RFC 3463 X.5.3: too many recipients.
-TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Trop de destinataires / Too many recipients")
-TOO_MANY_BAD_RECIPIENTS = Reply(
-    450,
-    "4.7.1",
-    "Trop d'adresses refusees, reessayez plus tard / Too many invalid recipients, try again later",
-)
-PROBING_CLOSED = Reply(
-    421,
-    "4.7.0",
-    "Trop d'erreurs, fermeture de la session / Too many errors, closing connection",
-)
-# -------------------------------------------------------------------------------
 
 MESSAGE_WINDOW = 60.0
 """Seconds during which an accepted MAIL counts towards messages_per_minute."""

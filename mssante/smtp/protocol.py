@@ -86,6 +86,9 @@ class GatewayProtocol(SMTP):
         if not self._raw_replies and not self._is_greeting(status):
             status = replies.with_enhanced_code(status)
         await super().push(status)
+        if status.startswith("421 ") and self.transport is not None:
+            # RFC 5321 3.8: 421 closes the transmission channel.
+            self.transport.close()
 
     def _is_greeting(self, status: str) -> bool:
         return status.startswith(f"220 {self.hostname} ")

@@ -77,6 +77,27 @@ NOT_AN_OPERATOR = Reply(
     "Expediteur vide reserve aux operateurs / Null sender accepted from trust-space operators only",
 )
 
+# --- abuse limits (limits.py) -------------------------------------------------------
+TOO_MANY_MESSAGES = Reply(
+    451,
+    "4.7.0",
+    "Trop de messages, reessayez plus tard"
+    " / Rate limit exceeded: too many messages, try again later",
+)
+# RFC 5321 4.5.3.1.10: 452 for too many recipients; the client sends the
+# rest in another transaction.  RFC 3463 X.5.3: too many recipients.
+TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Trop de destinataires / Too many recipients")
+TOO_MANY_BAD_RECIPIENTS = Reply(
+    450,
+    "4.7.1",
+    "Trop d'adresses refusees, reessayez plus tard / Too many invalid recipients, try again later",
+)
+PROBING_CLOSED = Reply(
+    421,
+    "4.7.0",
+    "Trop d'erreurs, fermeture de la session / Too many errors, closing connection",
+)
+
 # --- recipient verdicts (DOMAIN.md 3) -----------------------------------------
 RELAY_DENIED = Reply(
     550,

@@ -21,6 +21,7 @@ from mssante.routing.recipient import RecipientRouter
 from mssante.routing.trust import DnKey, TrustSpace, dn_key
 from mssante.routing.verdict import Refuse
 from mssante.smtp import replies
+from mssante.smtp.limits import AbuseGuard, SessionGuard, peer_identity
 from mssante.smtp.protocol import GatewayProtocol, new_log_id
 from mssante.smtp.replies import Reply
 from mssante.smtp.trace import received_header
@@ -58,7 +59,9 @@ class Policy:
         clock: Clock,
         trust: Callable[[], TrustSpace],
         check_senders: bool,
+        abuse: AbuseGuard,
     ) -> None:
+        self._abuse = abuse
         self._trust = trust
         self._check_senders = check_senders
         self._hostname = hostname
@@ -119,6 +122,10 @@ class Policy:
                     patient_id=None,
                 )
                 return str(refusal.reply)
+        decision = self._guard(session).check_message()
+        if not decision.ok:
+            log.info("MAIL limited: %s", decision.reason)
+            return str(decision.reply)
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         envelope.accepted = []
@@ -132,9 +139,17 @@ class Policy:
         address: str,
         rcpt_options: list[str],
     ) -> str:
+        guard = self._guard(session)
+        # Before routing: once a peer is over its budget every RCPT gets the
+        # same answer, so the replies tell nothing about which INS exist.
+        decision = guard.check_recipient(len(envelope.accepted))
+        if not decision.ok:
+            log.info("RCPT limited: %s", decision.reason)
+            return str(decision.reply)
         verdict = await self._router.route(address)
         if isinstance(verdict, Refuse):
             log.info("RCPT refused %s: %s", verdict.reply.enhanced, verdict.reason)
+            strike = guard.record_bad_recipient()
             await self._record_refusal(
                 at=self._clock.now(),
                 sender=envelope.mail_from or "",
@@ -142,6 +157,9 @@ class Policy:
                 cause=verdict.cause,
                 patient_id=verdict.patient_id,
             )
+            if not strike.ok:
+                log.info("closing probing session: %s", strike.reason)
+                return str(strike.reply)
             return str(verdict.reply)
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
@@ -150,6 +168,21 @@ class Policy:
             "RCPT accepted ins=%s status=%s", self._pseudonym(verdict.ins), verdict.status.value
         )
         return str(replies.RECIPIENT_OK)
+
+    def _guard(self, session: Any) -> SessionGuard:
+        """The session's abuse guard, by its strongest identity (made after STARTTLS,
+        which starts a new aiosmtpd session)."""
+        guard: SessionGuard | None = getattr(session, "abuse", None)
+        if guard is None:
+            cert = peer_certificate(session)
+            guard = self._abuse.session(
+                peer_identity(
+                    cert_subject=cert.subject.rfc4514_string() if cert else None,
+                    ip=session.peer[0] if session.peer else "unknown",
+                )
+            )
+            session.abuse = guard
+        return guard
 
     async def deliver(self, session: Any, envelope: Any, spool: Spool) -> Reply:
         ref = secrets.token_hex(10)
@@ -179,14 +212,17 @@ class Policy:
         return replies.MESSAGE_STORED.format(ref=ref)
 
 
-def peer_dn(session: Any) -> DnKey | None:
-    """Subject of the client certificate, already verified during the handshake."""
+def peer_certificate(session: Any) -> x509.Certificate | None:
+    """The client certificate, already verified during the handshake."""
     extra = session.ssl
     ssl_object = extra.get("ssl_object") if isinstance(extra, dict) else None
     der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
-    if not der:
-        return None
-    return dn_key(x509.load_der_x509_certificate(der).subject)
+    return x509.load_der_x509_certificate(der) if der else None
+
+
+def peer_dn(session: Any) -> DnKey | None:
+    cert = peer_certificate(session)
+    return dn_key(cert.subject) if cert else None
 
 
 def _tls_version(session: Any) -> str | None:

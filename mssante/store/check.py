@@ -39,6 +39,7 @@ class Report:
     erased: int = 0
     audit_events: int = 0
     problems: list[str] = field(default_factory=list)
+    orphans: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -103,6 +104,9 @@ async def check_store(
                 progress(1)
         report.audit_events, chain_problems = await verify_stored_chain(session)
         report.problems += [f"audit: {p}" for p in chain_problems]
-    for orphan in sorted(set(on_disk) - seen):
+    # A crash between the blob's fsync and the database commit leaves one:
+    # never visible, never acknowledged, safe to remove with the gateway stopped.
+    report.orphans = sorted(set(on_disk) - seen)
+    for orphan in report.orphans:
         report.problems.append(f"orphan blob {orphan} (no message row)")
     return report

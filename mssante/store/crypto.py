@@ -36,6 +36,8 @@ from typing import BinaryIO, Protocol
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from mssante.durable import write_file
+
 KEY_SIZE = 32
 NONCE_SIZE = 12
 TAG_SIZE = 16
@@ -104,16 +106,12 @@ def new_key_file(directory: Path) -> MasterKey:
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     raw = secrets.token_bytes(KEY_SIZE)
     mk = MasterKey(key_id(raw), raw)
-    fd = os.open(directory / f"{mk.id}.key", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(base64.b64encode(raw).decode() + "\n")
+    write_file(directory / f"{mk.id}.key", base64.b64encode(raw) + b"\n", exclusive=True)
     return mk
 
 
 def set_current(directory: Path, key_id_: str) -> None:
-    tmp = directory / "current.tmp"
-    tmp.write_text(key_id_ + "\n")
-    os.replace(tmp, directory / "current")
+    write_file(directory / "current", key_id_.encode() + b"\n")
 
 
 def load_key_provider(
