@@ -181,6 +181,7 @@ class Gateway:
             port=smtp.port,
             hostname=smtp.hostname,
             max_message_size=smtp.max_message_size,
+            max_header_size=smtp.max_header_size,
             timeout=smtp.timeout,
             tls_context=lambda: self.trust.tls,
             require_tls=smtp.require_tls,

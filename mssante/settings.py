@@ -32,6 +32,9 @@ class SmtpSettings(_Section):
     max_message_size: int = Field(
         25_000_000, gt=0, description="SIZE limit in octets (DOMAIN.md 3: 25 MB)."
     )
+    max_header_size: int = Field(
+        262_144, gt=1000, description="Largest header section in octets (552 5.3.4 beyond)."
+    )
     timeout: float = Field(300.0, gt=0, description="Idle timeout of a session, in seconds.")
     require_tls: bool = Field(
         True, description="Refuse MAIL before STARTTLS (530 5.7.0), as the trust space requires."

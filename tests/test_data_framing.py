@@ -121,3 +121,25 @@ def test_property_any_clean_text_round_trips(lines: list[bytes], chunk: int) -> 
     )
     got, problem, rest = receive(stuffed + b".\r\n", chunk=chunk)
     assert (got, problem, rest) == (content, None, b"")
+
+
+@pytest.mark.parametrize("chunk", [None, 1, 7, 500])
+def test_header_limit_counts_only_the_header(chunk: int | None) -> None:
+    header = b"A: " + b"x" * 95 + b"\r\n"  # 100 octets
+    ok = header * 9 + b"\r\n" + header * 50 + b".\r\n"
+    out = bytearray()
+    rx = DataReceiver(out.extend, 10_000_000, max_header=1000)
+    step = chunk or len(ok)
+    ends = [rx.feed(ok[i : i + step]) for i in range(0, len(ok), step)]
+    assert rx.problem is None and ends[-1] is not None
+    too_big = header * 11 + b"\r\nbody\r\n.\r\n"
+    rx = DataReceiver(bytearray().extend, 10_000_000, max_header=1000)
+    for i in range(0, len(too_big), step):
+        rx.feed(too_big[i : i + step])
+    assert rx.problem is DataProblem.HEADER_TOO_BIG
+
+
+def test_message_without_header_section() -> None:
+    rx = DataReceiver(bytearray().extend, 10_000_000, max_header=10)
+    assert rx.feed(b"\r\n" + b"z" * 500 + b"\r\n.\r\n") is not None
+    assert rx.problem is None

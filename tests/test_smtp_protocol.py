@@ -88,6 +88,7 @@ async def test_oversize_25mb_default_streams_without_holding_it(
     try:
         c = await open_transaction(gw)
         block = (b"A" * 998 + b"\r\n") * 1000  # 1 MB
+        await c.send(b"Subject: big\r\n\r\n")
         for _ in range(26):
             await c.send(block)
         await c.send(b".\r\n")
@@ -264,3 +265,45 @@ async def test_logs_carry_no_ins_nor_content(
     assert "RCPT accepted ins=p-" in text
     for secret in (demo.ACTIVATED, demo.OPPOSED, "VIH", "confidentiel"):
         assert secret not in text
+
+
+async def test_smtputf8_advertised_and_required_for_non_ascii(gateway: Gateway) -> None:
+    c = await RawSmtp.connect("127.0.0.1", gateway.smtp.port)
+    r = await c.cmd("EHLO client.test")
+    assert "SMTPUTF8" in r.lines
+    expect(
+        await c.cmd("MAIL FROM:<médecin@chu-exemple.mssante.fr>"),
+        replies.NON_ASCII_WITHOUT_SMTPUTF8,
+    )
+    expect(await c.cmd(f"MAIL FROM:<{DOCTOR}>"), replies.SENDER_OK)
+    expect(await c.cmd("RCPT TO:<é@patient.mssante.fr>"), replies.NON_ASCII_WITHOUT_SMTPUTF8)
+    await c.cmd("RSET")
+    expect(await c.cmd("MAIL FROM:<médecin@chu-exemple.mssante.fr> SMTPUTF8"), replies.SENDER_OK)
+    expect(await c.cmd(f"RCPT TO:<{RCPT}>"), replies.RECIPIENT_OK)
+    await c.close()
+
+
+async def test_header_section_limit(gateway: Gateway) -> None:
+    c = await open_transaction(gateway)
+    header = b"".join(b"X-Filler-%06d: %s\r\n" % (i, b"v" * 900) for i in range(300))  # 280 KB
+    await c.send(header + b"\r\nbody\r\n.\r\n")
+    r = await c.reply()
+    expect(r, replies.HEADER_TOO_BIG)
+    await c.close()
+    assert await stored(gateway) == []
+
+
+async def test_big_body_after_small_header_is_fine(gateway: Gateway) -> None:
+    c = await open_transaction(gateway)
+    await c.send(b"Subject: x\r\n\r\n" + (b"y" * 900 + b"\r\n") * 190 + b".\r\n")  # 171 KB
+    expect(await c.reply(), replies.MESSAGE_STORED)
+    await c.close()
+
+
+async def test_command_line_too_long(gateway: Gateway) -> None:
+    c = await RawSmtp.connect("127.0.0.1", gateway.smtp.port)
+    await c.cmd("EHLO client.test")
+    r = await c.cmd("NOOP " + "x" * 2000)
+    expect(r, replies.COMMAND_TOO_LONG)
+    assert (await c.cmd("NOOP")).code == 250  # still in step
+    await c.close()

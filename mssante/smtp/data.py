@@ -40,6 +40,7 @@ class DataProblem(enum.Enum):
     BARE_LINE_ENDING = "bare_line_ending"
     NUL = "nul"
     LINE_TOO_LONG = "line_too_long"
+    HEADER_TOO_BIG = "header_too_big"
 
 
 class DataReceiver:
@@ -50,9 +51,15 @@ class DataReceiver:
     commands (RFC 2920 pipelining).
     """
 
-    def __init__(self, sink: Callable[[bytes], object], max_size: int) -> None:
+    def __init__(
+        self, sink: Callable[[bytes], object], max_size: int, max_header: int = 256 * 1024
+    ) -> None:
         self._sink = sink
         self._max_size = max_size
+        # The header section ends at the first empty line (RFC 5322 2.1);
+        # until then its size is counted against ``max_header``.
+        self._max_header = max_header
+        self._in_header = True
         self.size = 0
         self.problem: DataProblem | None = None
         # Unprocessed bytes.  Unless ``_midline``, they start a line.
@@ -117,11 +124,29 @@ class DataReceiver:
             region = region[1:]
         if b"\n." in region:
             region = region.replace(b"\n.", b"\n")
+        if self._in_header:
+            self._count_header(region)
+            if self.problem is not None:
+                return
         self.size += len(region)
         if self.size > self._max_size:
             self._flag(DataProblem.TOO_BIG)
             return
         self._sink(region)
+
+    def _count_header(self, region: bytes) -> None:
+        # Regions start at a line start, so an empty line is either the
+        # region's first line or follows a CRLF inside it.
+        if region.startswith(b"\r\n"):
+            end = 0
+        else:
+            found = region.find(b"\r\n\r\n")
+            end = -1 if found < 0 else found + 2
+        header_bytes = self.size + (len(region) if end < 0 else end)
+        if header_bytes > self._max_header:
+            self._flag(DataProblem.HEADER_TOO_BIG)
+        elif end >= 0:
+            self._in_header = False
 
     @staticmethod
     def _has_long_line(region: bytes) -> bool:

@@ -19,6 +19,7 @@ class SmtpListener:
         port: int,
         hostname: str,
         max_message_size: int,
+        max_header_size: int = 256 * 1024,
         timeout: float,
         tls_context: Callable[[], ssl.SSLContext] | None,
         require_tls: bool = False,
@@ -29,6 +30,7 @@ class SmtpListener:
         self._port = port
         self._hostname = hostname
         self._max_size = max_message_size
+        self._max_header = max_header_size
         self._timeout = timeout
         self._tls = tls_context
         self._server: asyncio.Server | None = None
@@ -37,6 +39,7 @@ class SmtpListener:
         return GatewayProtocol(
             self._policy,
             max_message_size=self._max_size,
+            max_header_size=self._max_header,
             hostname=self._hostname,  # configured: no DNS lookup per connection
             ident="mssante ESMTP",
             # Read per connection: a reloaded certificate or CRL applies to

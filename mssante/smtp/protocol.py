@@ -67,11 +67,15 @@ def new_log_id() -> str:
 class GatewayProtocol(SMTP):
     """One SMTP connection.  ``handler`` is a :class:`session.Policy`."""
 
-    def __init__(self, handler: Any, *, max_message_size: int, **kwargs: Any) -> None:
+    def __init__(
+        self, handler: Any, *, max_message_size: int, max_header_size: int, **kwargs: Any
+    ) -> None:
         # SIZE is ours (session.py answers it from the reply table), so
-        # aiosmtpd's own check is off.
-        super().__init__(handler, data_size_limit=None, **kwargs)
+        # aiosmtpd's own check is off.  SMTPUTF8 (RFC 6531) is offered; an
+        # address that needs it without it is refused in session.py.
+        super().__init__(handler, data_size_limit=None, enable_SMTPUTF8=True, **kwargs)
         self.max_message_size = max_message_size
+        self.max_header_size = max_header_size
         self._raw_replies = False
 
     async def reply(self, reply: Reply) -> None:
@@ -183,14 +187,15 @@ class GatewayProtocol(SMTP):
         spool = policy.new_spool()
         try:
             await self.reply(replies.START_DATA)
-            receiver = DataReceiver(spool.write, self.max_message_size)
+            receiver = DataReceiver(spool.write, self.max_message_size, self.max_header_size)
             await self._receive(receiver)
             if receiver.problem is not None:
-                reply = (
-                    replies.SIZE_EXCEEDED.format(limit=self.max_message_size)
-                    if receiver.problem is DataProblem.TOO_BIG
-                    else _PROBLEM_REPLIES[receiver.problem]
-                )
+                if receiver.problem is DataProblem.TOO_BIG:
+                    reply = replies.SIZE_EXCEEDED.format(limit=self.max_message_size)
+                elif receiver.problem is DataProblem.HEADER_TOO_BIG:
+                    reply = replies.HEADER_TOO_BIG.format(limit=self.max_header_size)
+                else:
+                    reply = _PROBLEM_REPLIES[receiver.problem]
                 log.info("DATA refused: %s", receiver.problem.value)
                 spool.discard()
                 await self.reply(reply)

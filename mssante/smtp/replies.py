@@ -178,6 +178,18 @@ LINE_TOO_LONG = Reply(
     " / Message line longer than 998 octets (RFC 5321 4.5.3.1.6)",
 )
 
+HEADER_TOO_BIG = Reply(
+    552,
+    "5.3.4",
+    "En-tetes trop volumineux : {limit} octets au plus"
+    " / Message header section larger than {limit} octets",
+)
+NON_ASCII_WITHOUT_SMTPUTF8 = Reply(
+    553,
+    "5.6.7",
+    "Adresse non ASCII sans SMTPUTF8 / Non-ASCII address requires SMTPUTF8 (RFC 6531 3.5)",
+)
+
 # --- temporary failures ------------------------------------------------------------
 INTERNAL_ERROR = Reply(
     451,

@@ -102,6 +102,10 @@ class Policy:
         address: str,
         mail_options: list[str],
     ) -> str:
+        # RFC 6531 3.5: a non-ASCII address needs SMTPUTF8 on MAIL.
+        smtputf8 = "SMTPUTF8" in mail_options
+        if not address.isascii() and not smtputf8:
+            return str(replies.NON_ASCII_WITHOUT_SMTPUTF8)
         for option in mail_options:
             name, _, value = option.partition("=")
             if name == "SIZE":
@@ -139,6 +143,8 @@ class Policy:
         address: str,
         rcpt_options: list[str],
     ) -> str:
+        if not address.isascii() and not envelope.smtp_utf8:
+            return str(replies.NON_ASCII_WITHOUT_SMTPUTF8)
         guard = self._guard(session)
         # Before routing: once a peer is over its budget every RCPT gets the
         # same answer, so the replies tell nothing about which INS exist.
