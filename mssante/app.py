@@ -16,7 +16,9 @@ from pathlib import Path
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from mssante.clock import Clock, SystemClock
+from mssante.dkim import DkimVerifier, Resolver
 from mssante.pseudonym import Pseudonymizer
+from mssante.routing.dns import DnsTxtResolver
 from mssante.routing.recipient import RecipientRouter
 from mssante.routing.trust import TrustSpace, WhitelistError, read_whitelist
 from mssante.settings import Settings
@@ -147,7 +149,9 @@ class TrustConfig:
 class Gateway:
     """The running service: store and SMTP listener."""
 
-    def __init__(self, settings: Settings, *, clock: Clock | None = None) -> None:
+    def __init__(
+        self, settings: Settings, *, clock: Clock | None = None, dns: Resolver | None = None
+    ) -> None:
         self.settings = settings
         self.clock = clock or SystemClock()
         for name in QUIET_LOGGERS:
@@ -160,6 +164,13 @@ class Gateway:
             writer=self.store.writer,
             trust=lambda: self.trust.space,
             keyring=self.store.keyring,
+            dkim=DkimVerifier(
+                dns or DnsTxtResolver(settings.dkim.dns_timeout),
+                authserv_id=settings.dkim.authserv_id or settings.smtp.hostname,
+                required_domains=frozenset(settings.dkim.required_domains),
+                clock=self.clock,
+                dns_timeout=settings.dkim.dns_timeout,
+            ),
         )
         smtp = settings.smtp
         policy = Policy(

@@ -110,6 +110,17 @@ class NotifySettings(_Section):
     webmail_url: str = Field("http://127.0.0.1:8080/", description="Link given in notifications.")
 
 
+class DkimSettings(_Section):
+    authserv_id: str | None = Field(
+        None, description="Our name in Authentication-Results (RFC 8601); default smtp.hostname."
+    )
+    required_domains: list[str] = Field(
+        default_factory=list,
+        description="Author (From) domains whose mail must carry their own passing signature.",
+    )
+    dns_timeout: float = Field(5.0, gt=0, description="Seconds a DKIM key look-up may take.")
+
+
 class LimitsSettings(_Section):
     """Abuse limits per peer identity (certificate subject, else IP): see smtp/limits.py."""
 
@@ -147,6 +158,7 @@ class Settings(_Section):
     notify: NotifySettings = Field(default_factory=NotifySettings)
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
     limits: LimitsSettings = Field(default_factory=LimitsSettings)
+    dkim: DkimSettings = Field(default_factory=DkimSettings)
 
 
 class SettingsError(Exception):

@@ -190,6 +190,20 @@ NON_ASCII_WITHOUT_SMTPUTF8 = Reply(
     "Adresse non ASCII sans SMTPUTF8 / Non-ASCII address requires SMTPUTF8 (RFC 6531 3.5)",
 )
 
+# RFC 7372 3.1: no valid author-matched DKIM signature.
+DKIM_REQUIRED = Reply(
+    550,
+    "5.7.22",
+    "Signature DKIM valide du domaine {domain} requise"
+    " / No valid DKIM signature of the author domain {domain}",
+)
+# RFC 3463 X.4.3: the key look-up failed; the sender retries later.
+DKIM_TEMPORARY = Reply(
+    451,
+    "4.4.3",
+    "Verification DKIM impossible pour le moment / DKIM key lookup failed, try again later",
+)
+
 # --- temporary failures ------------------------------------------------------------
 INTERNAL_ERROR = Reply(
     451,

@@ -27,7 +27,7 @@ from mssante.smtp.replies import Reply
 from mssante.smtp.trace import received_header
 from mssante.store.blobs import Spool
 from mssante.store.inbox import Recipient
-from mssante.store.mailstore import Envelope, StorageFullError
+from mssante.store.mailstore import DkimPolicyError, Envelope, StorageFullError
 
 log = logging.getLogger("mssante.smtp")
 
@@ -209,6 +209,12 @@ class Policy:
         )
         try:
             await self._deliver(env, spool)
+        except DkimPolicyError as exc:
+            spool.discard()
+            log.info("refused by DKIM policy for %s (temporary=%s)", exc.domain, exc.temporary)
+            if exc.temporary:
+                return replies.DKIM_TEMPORARY
+            return replies.DKIM_REQUIRED.format(domain=exc.domain)
         except StorageFullError:
             spool.discard()
             log_id = new_log_id()

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
+from mssante.dkim import DkimVerifier
 from mssante.routing.trust import TrustSpace
 from mssante.store import audit
 from mssante.store.blobs import BlobStore, Spool
@@ -31,6 +32,15 @@ _NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
 
 class StorageFullError(Exception):
     """No space left for a message: answered 452 4.3.1."""
+
+
+class DkimPolicyError(Exception):
+    """The author domain requires a passing signature and there is none."""
+
+    def __init__(self, domain: str, *, temporary: bool) -> None:
+        super().__init__(domain)
+        self.domain = domain
+        self.temporary = temporary
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,23 +64,37 @@ class MailStore:
         writer: Writer,
         trust: Callable[[], TrustSpace],
         keyring: Keyring,
+        dkim: DkimVerifier,
     ) -> None:
+        self._dkim = dkim
         self.blobs = blobs
         self._writer = writer
         self._trust = trust
         self._keyring = keyring
 
-    def _persist(self, spool: Spool) -> tuple[str, MessageSummary]:
+    @staticmethod
+    def _summarize(spool: Spool) -> MessageSummary:
+        spool.finish()
+        with spool.open_plain() as plain:
+            return summarize_stream(plain)
+
+    def _commit(self, spool: Spool) -> str:
         try:
-            spool.finish()
-            with spool.open_plain() as plain:
-                summary = summarize_stream(plain)
-            key = self.blobs.commit(spool)
+            return self.blobs.commit(spool)
         except OSError as exc:
             if exc.errno in _NO_SPACE:
                 raise StorageFullError(str(exc)) from exc
             raise
-        return key, summary
+
+    async def _authenticate(self, spool: Spool, summary: MessageSummary, env: Envelope) -> bytes:
+        """DKIM results as an Authentication-Results header; raises DkimPolicyError."""
+        with spool.open_plain() as plain:
+            results = await self._dkim.verify(plain)
+        author = (summary.from_address or env.mail_from).rpartition("@")[2].lower()
+        if not self._dkim.policy_allows(author, results):
+            temporary = any(r.result == "temperror" for r in results)
+            raise DkimPolicyError(author, temporary=temporary)
+        return self._dkim.authentication_results(results)
 
     async def record_refusal(
         self, *, at: datetime, sender: str, peer: str | None, cause: str, patient_id: int | None
@@ -88,7 +112,14 @@ class MailStore:
         )
 
     async def deliver(self, env: Envelope, spool: Spool) -> StoredMessage:
-        key, summary = await asyncio.to_thread(self._persist, spool)
+        try:
+            summary = await asyncio.to_thread(self._summarize, spool)
+        except OSError as exc:
+            if exc.errno in _NO_SPACE:
+                raise StorageFullError(str(exc)) from exc
+            raise
+        auth_results = await self._authenticate(spool, summary, env)
+        key = await asyncio.to_thread(self._commit, spool)
         incoming = IncomingMessage(
             ref=env.ref,
             received_at=env.received_at,
@@ -96,7 +127,8 @@ class MailStore:
             message_key=spool.key,
             size=spool.size,
             sha256=spool.sha256,
-            trace_header=env.trace_header,
+            # Stored beside the received bytes, newest first (STYLE.md 6).
+            trace_header=auth_results + env.trace_header,
             mail_from=env.mail_from,
             helo=env.helo,
             peer=env.peer,

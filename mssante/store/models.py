@@ -311,3 +311,28 @@ class AuditAnchor(Base):
     prev_hash: Mapped[str] = mapped_column(String(64))
     through_id: Mapped[int]
     purged_at: Mapped[datetime]
+
+
+class Account(Base):
+    """A professional account of the submission listener (issue 3).
+
+    It authenticates with a password (argon2id hash) or, for an applicative
+    mailbox, with a bound client certificate (SASL EXTERNAL, identified by
+    the SHA-256 of its DER encoding).  It may use only its own addresses in
+    MAIL FROM: ``address`` and ``aliases``.
+    """
+
+    __tablename__ = "accounts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    address: Mapped[str] = mapped_column(String(320), unique=True)
+    aliases: Mapped[list[str]] = mapped_column(JSON, default=list)
+    display_name: Mapped[str | None] = mapped_column(String(300))
+    password_hash: Mapped[str | None] = mapped_column(String(200))
+    certificate_sha256: Mapped[str | None] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime]
+    disabled_at: Mapped[datetime | None]
+
+    def may_send_as(self, sender: str) -> bool:
+        sender = sender.lower()
+        return sender == self.address or sender in self.aliases
