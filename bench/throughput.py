@@ -409,6 +409,7 @@ def make_server(name: str, tmp: Path) -> Server:
             "MSSANTE_STORE__DATA_DIR": str(data),
             "MSSANTE_SMTP__HOST": HOST,
             "MSSANTE_SMTP__PORT": str(port),
+            "MSSANTE_SUBMISSION__PORT": "0",
             **MSSANTE_PLAINTEXT,
         }
         argv = [python, "-m", "mssante", "serve", "--demo"]

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import ssl
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -25,7 +26,9 @@ from mssante.settings import Settings
 from mssante.smtp.limits import AbuseGuard, Limits
 from mssante.smtp.listener import SmtpListener
 from mssante.smtp.session import Policy
+from mssante.smtp.submission import SubmissionPolicy, accept_for_parsing
 from mssante.smtp.tls import ensure_dev_certificate, server_context
+from mssante.store.accounts import Accounts
 from mssante.store.blobs import BlobStore
 from mssante.store.crypto import load_key_provider
 from mssante.store.db import SessionMaker, make_engine, make_sessionmaker
@@ -173,35 +176,64 @@ class Gateway:
             ),
         )
         smtp = settings.smtp
-        policy = Policy(
-            router=RecipientRouter(smtp.patient_domain, self.store.directory.lookup),
-            deliver=mailstore.deliver,
-            record_refusal=mailstore.record_refusal,
-            new_spool=self.store.blobs.new_spool,
-            max_message_size=smtp.max_message_size,
-            pseudonym=self.pseudonym,
-            hostname=smtp.hostname,
-            clock=self.clock,
-            trust=lambda: self.trust.space,
-            check_senders=settings.trust.require_client_certificate,
-            abuse=AbuseGuard(Limits(**settings.limits.model_dump()), self.clock),
-        )
+        self.accounts = Accounts(self.store.reads)
+        abuse = AbuseGuard(Limits(**settings.limits.model_dump()), self.clock)
+        common: dict[str, Any] = {
+            "router": RecipientRouter(smtp.patient_domain, self.store.directory.lookup),
+            "deliver": mailstore.deliver,
+            "record_refusal": mailstore.record_refusal,
+            "new_spool": self.store.blobs.new_spool,
+            "max_message_size": smtp.max_message_size,
+            "pseudonym": self.pseudonym,
+            "hostname": smtp.hostname,
+            "clock": self.clock,
+            "trust": lambda: self.trust.space,
+            "abuse": abuse,
+        }
+        listener: dict[str, Any] = {
+            "hostname": smtp.hostname,
+            "max_message_size": smtp.max_message_size,
+            "max_header_size": smtp.max_header_size,
+            "timeout": smtp.timeout,
+            "tls_context": lambda: self.trust.tls,
+        }
+        policy = Policy(check_senders=settings.trust.require_client_certificate, **common)
         self.smtp = SmtpListener(
-            policy,
-            host=smtp.host,
-            port=smtp.port,
-            hostname=smtp.hostname,
-            max_message_size=smtp.max_message_size,
-            max_header_size=smtp.max_header_size,
-            timeout=smtp.timeout,
-            tls_context=lambda: self.trust.tls,
-            require_tls=smtp.require_tls,
+            policy, host=smtp.host, port=smtp.port, require_tls=smtp.require_tls, **listener
         )
+        # Submission: senders are checked against their account, not the whitelist.
+        submission = SubmissionPolicy(accounts=self.accounts, check_senders=False, **common)
+        sub = settings.submission
+        self.submission: list[SmtpListener] = []
+        if sub.enabled:
+            self.submission.append(
+                SmtpListener(
+                    submission,
+                    host=sub.host,
+                    port=sub.port,
+                    require_tls=True,
+                    auth=accept_for_parsing,
+                    **listener,
+                )
+            )
+            if sub.implicit_tls_port is not None:
+                self.submission.append(
+                    SmtpListener(
+                        submission,
+                        host=sub.host,
+                        port=sub.implicit_tls_port,
+                        implicit_tls=True,
+                        auth=accept_for_parsing,
+                        **listener,
+                    )
+                )
         self._watch: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         await self.store.open()
         await self.smtp.start()
+        for listener in self.submission:
+            await listener.start()
         self._watch = asyncio.create_task(self._watch_trust_files(), name="trust-watch")
         log.info("SMTP listening on %s:%d", self.settings.smtp.host, self.smtp.port)
 
@@ -215,5 +247,7 @@ class Gateway:
             self._watch.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watch
+        for listener in self.submission:
+            await listener.stop()
         await self.smtp.stop()
         await self.store.close()

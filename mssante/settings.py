@@ -50,6 +50,17 @@ class SmtpSettings(_Section):
         return value.strip().lower().rstrip(".")
 
 
+class SubmissionSettings(_Section):
+    """Professional mail clients (RFC 6409), authenticated (accounts)."""
+
+    enabled: bool = Field(True, description="Run the submission listener.")
+    host: str = Field("127.0.0.1", description="Address the submission listeners bind to.")
+    port: int = Field(2587, ge=0, le=65535, description="STARTTLS submission port (587).")
+    implicit_tls_port: int | None = Field(
+        None, ge=0, le=65535, description="Implicit TLS submission port (465), off if unset."
+    )
+
+
 class StoreSettings(_Section):
     data_dir: Path = Field(
         Path("mssante-data"), description="Database, blobs, spool, keys and dev certificates."
@@ -153,6 +164,7 @@ class RetentionSettings(_Section):
 
 class Settings(_Section):
     smtp: SmtpSettings = Field(default_factory=SmtpSettings)
+    submission: SubmissionSettings = Field(default_factory=SubmissionSettings)
     store: StoreSettings = Field(default_factory=StoreSettings)
     trust: TrustSettings = Field(default_factory=TrustSettings)
     notify: NotifySettings = Field(default_factory=NotifySettings)

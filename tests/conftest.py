@@ -17,7 +17,13 @@ import pytest
 
 from mssante.app import Gateway
 from mssante.cli import seed_demo
-from mssante.settings import Settings, SmtpSettings, StoreSettings, TrustSettings
+from mssante.settings import (
+    Settings,
+    SmtpSettings,
+    StoreSettings,
+    SubmissionSettings,
+    TrustSettings,
+)
 from tests import pg
 
 DATABASES = ["sqlite", "postgresql"]
@@ -51,6 +57,7 @@ def make_settings(
         smtp=SmtpSettings(port=0, hostname="mx.test.localhost", **smtp),  # type: ignore[arg-type]
         store=StoreSettings(data_dir=data_dir, database_url=database_url),
         trust=trust or TrustSettings(require_client_certificate=False),
+        submission=SubmissionSettings(port=0, implicit_tls_port=0),
     )
 
 

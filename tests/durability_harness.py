@@ -285,6 +285,7 @@ class ServerProcess:
             MSSANTE_STORE__DATA_DIR=str(self.data_dir),
             MSSANTE_SMTP__HOST="127.0.0.1",
             MSSANTE_SMTP__PORT="0",
+            MSSANTE_SUBMISSION__PORT="0",
             PYTHONUNBUFFERED="1",
         )
         return env

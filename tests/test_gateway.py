@@ -195,7 +195,7 @@ async def test_stored_bytes_are_exactly_what_was_sent(gateway: Gateway) -> None:
     (message,) = await rows(gateway, select(Message))
     assert await gateway.store.read_original(message.ref) == raw
     assert message.size == len(raw)
-    assert message.trace_header.startswith(b"Received: from ")
+    assert b"\r\nReceived: from " in message.trace_header
     assert message.ref.encode() in message.trace_header
     assert message.from_address == DOCTOR
     meta = await read_view(gateway.store.reads, gateway.store.keyring, message.ref)

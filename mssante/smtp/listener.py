@@ -1,10 +1,15 @@
-"""Binding the SMTP listener and serving connections."""
+"""Binding an SMTP listener and serving connections.
+
+Three kinds, by their arguments: the MX (STARTTLS, no AUTH), submission on
+587 (STARTTLS, AUTH required) and submission on 465 (implicit TLS, RFC 8314).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import ssl
 from collections.abc import Callable
+from typing import Any
 
 from mssante.smtp.protocol import GatewayProtocol
 from mssante.smtp.session import Policy
@@ -23,8 +28,12 @@ class SmtpListener:
         timeout: float,
         tls_context: Callable[[], ssl.SSLContext] | None,
         require_tls: bool = False,
+        implicit_tls: bool = False,
+        auth: Callable[..., Any] | None = None,
     ) -> None:
         self._require_tls = require_tls
+        self._implicit = implicit_tls
+        self._auth = auth
         self._policy = policy
         self._host = host
         self._port = port
@@ -36,6 +45,17 @@ class SmtpListener:
         self._server: asyncio.Server | None = None
 
     def _protocol(self) -> GatewayProtocol:
+        if self._auth is None:
+            # MX: operators authenticate by certificate; no SASL here.
+            auth: dict[str, Any] = {"auth_exclude_mechanism": ["LOGIN", "PLAIN"]}
+        else:
+            auth = {
+                "authenticator": self._auth,
+                "auth_required": True,
+                # Implicit TLS is TLS: aiosmtpd 1.4.6 only knows STARTTLS and
+                # would hide AUTH (and answer 538) on port 465.
+                "auth_require_tls": not self._implicit,
+            }
         return GatewayProtocol(
             self._policy,
             max_message_size=self._max_size,
@@ -44,15 +64,30 @@ class SmtpListener:
             ident="mssante ESMTP",
             # Read per connection: a reloaded certificate or CRL applies to
             # the next session.
-            tls_context=self._tls() if self._tls else None,
-            require_starttls=self._require_tls,
+            tls_context=self._tls() if self._tls and not self._implicit else None,
+            require_starttls=self._require_tls and not self._implicit,
             timeout=self._timeout,
             loop=asyncio.get_running_loop(),
+            **auth,
         )
+
+    def _implicit_context(self) -> ssl.SSLContext:
+        """A context whose SNI hook hands each handshake the current context,
+        so a reload applies to port 465 too."""
+        assert self._tls is not None
+        base = self._tls()
+        current = self._tls
+
+        def pick(ssl_object: ssl.SSLObject, _name: str | None, _ctx: ssl.SSLContext) -> None:
+            ssl_object.context = current()
+
+        base.sni_callback = pick
+        return base
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(self._protocol, self._host, self._port)
+        tls = self._implicit_context() if self._implicit else None
+        self._server = await loop.create_server(self._protocol, self._host, self._port, ssl=tls)
 
     @property
     def port(self) -> int:

@@ -78,6 +78,14 @@ class GatewayProtocol(SMTP):
         self.max_header_size = max_header_size
         self._raw_replies = False
 
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        # Implicit TLS (port 465): aiosmtpd fills session.ssl only after
+        # STARTTLS; the certificate checks need it from the start.
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is not None and self.session is not None and not self.session.ssl:
+            self.session.ssl = {"ssl_object": ssl_object}
+
     async def reply(self, reply: Reply) -> None:
         await self.push(str(reply))
 

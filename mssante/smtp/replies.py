@@ -98,6 +98,26 @@ PROBING_CLOSED = Reply(
     "Trop d'erreurs, fermeture de la session / Too many errors, closing connection",
 )
 
+# --- submission (RFC 6409, RFC 4954) --------------------------------------------------
+AUTH_OK = Reply(235, "2.7.0", "Authentification reussie / Authentication successful")
+AUTH_FAILED = Reply(535, "5.7.8", "Identifiants refuses / Authentication credentials invalid")
+AUTH_NO_CERTIFICATE = Reply(
+    535, "5.7.8", "Aucun certificat client presente / No client certificate for EXTERNAL"
+)
+AUTH_REQUIRED = Reply(530, "5.7.0", "Authentification requise / Authentication required")
+AUTH_NEEDS_TLS = Reply(
+    538, "5.7.11", "Chiffrement requis pour s'authentifier / Encryption required for AUTH"
+)
+AUTH_ALREADY = Reply(503, "5.5.1", "Deja authentifie / Already authenticated")
+AUTH_UNKNOWN_MECHANISM = Reply(
+    504, "5.5.4", "Mecanisme d'authentification inconnu / Unrecognized authentication type"
+)
+SENDER_NOT_OWNED = Reply(
+    550,
+    "5.7.1",
+    "Adresse d'expediteur non autorisee pour ce compte / This account may not send as that address",
+)
+
 # --- recipient verdicts (DOMAIN.md 3) -----------------------------------------
 RELAY_DENIED = Reply(
     550,
@@ -236,6 +256,11 @@ AIOSMTPD_REPLIES: dict[str, Reply] = {
     "500 Error: strict ASCII mode": ASCII_ONLY,
     "530 Must issue a STARTTLS command first": TLS_REQUIRED,
     "502 EXPN not implemented": NOT_IMPLEMENTED,
+    "530 5.7.0 Authentication required": AUTH_REQUIRED,
+    "538 5.7.11 Encryption required for requested authentication mechanism": AUTH_NEEDS_TLS,
+    "503 Already authenticated": AUTH_ALREADY,
+    "504 5.5.4 Unrecognized authentication type": AUTH_UNKNOWN_MECHANISM,
+    "535 5.7.8 Authentication credentials invalid": AUTH_FAILED,
 }
 _PREFIX_REPLIES: list[tuple[str, Reply]] = [
     ("500 Error: command ", UNKNOWN_COMMAND),

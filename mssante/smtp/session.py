@@ -180,15 +180,16 @@ class Policy:
         which starts a new aiosmtpd session)."""
         guard: SessionGuard | None = getattr(session, "abuse", None)
         if guard is None:
-            cert = peer_certificate(session)
-            guard = self._abuse.session(
-                peer_identity(
-                    cert_subject=cert.subject.rfc4514_string() if cert else None,
-                    ip=session.peer[0] if session.peer else "unknown",
-                )
-            )
+            guard = self._abuse.session(self._identity(session))
             session.abuse = guard
         return guard
+
+    def _identity(self, session: Any) -> str:
+        cert = peer_certificate(session)
+        return peer_identity(
+            cert_subject=cert.subject.rfc4514_string() if cert else None,
+            ip=session.peer[0] if session.peer else "unknown",
+        )
 
     async def deliver(self, session: Any, envelope: Any, spool: Spool) -> Reply:
         ref = secrets.token_hex(10)
