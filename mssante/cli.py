@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
 
 from mssante import demo
 from mssante.app import Gateway, Store
@@ -224,6 +225,121 @@ def audit_head(ctx: click.Context) -> None:
             return await audit.head(session)
 
     click.echo(_run(_with_store(_settings(ctx), run)))
+
+
+# --- accounts ---------------------------------------------------------------------------
+
+
+@main.group()
+def accounts() -> None:
+    """Professional accounts of the submission listener."""
+
+
+@accounts.command("add")
+@click.argument("address")
+@click.option("--password-stdin", is_flag=True, help="Read the password from standard input.")
+@click.option(
+    "--cert",
+    "cert_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Bind this PEM client certificate (SASL EXTERNAL, applicative mailboxes).",
+)
+@click.option("--alias", "aliases", multiple=True, help="Another address it may send as.")
+@click.option("--name", "display_name", default=None)
+@click.pass_context
+def accounts_add(
+    ctx: click.Context,
+    address: str,
+    password_stdin: bool,
+    cert_path: Path | None,
+    aliases: tuple[str, ...],
+    display_name: str | None,
+) -> None:
+    """Create an account (password hashed with argon2id)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    from mssante.store.accounts import add_account, certificate_fingerprint, hash_password
+
+    password = sys.stdin.readline().rstrip("\n") if password_stdin else None
+    if password_stdin and not password:
+        raise click.ClickException("empty password")
+    fingerprint = None
+    if cert_path is not None:
+        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+        fingerprint = certificate_fingerprint(cert.public_bytes(Encoding.DER))
+    if password is None and fingerprint is None:
+        raise click.ClickException("give --password-stdin or --cert")
+    clock = SystemClock()
+
+    async def run(st: Store) -> str:
+        hashed = await hash_password(password) if password else None
+
+        async def job(session: Any) -> str:
+            account = await add_account(
+                session,
+                address=address,
+                at=clock.now(),
+                actor="cli",
+                password_hash=hashed,
+                certificate_sha256=fingerprint,
+                aliases=list(aliases),
+                display_name=display_name,
+            )
+            return account.address
+
+        try:
+            return await st.writer.run(job)
+        except IntegrityError as exc:
+            raise click.ClickException(
+                "an account with this address or certificate exists"
+            ) from exc
+
+    click.echo(f"account {_run(_with_store(_settings(ctx), run))} created")
+
+
+@accounts.command("list")
+@click.pass_context
+def accounts_list(ctx: click.Context) -> None:
+    """List the accounts."""
+    from mssante.store.models import Account
+
+    async def run(st: Store) -> list[Account]:
+        async with st.reads() as session:
+            return list(await session.scalars(select(Account).order_by(Account.address)))
+
+    table = Table("address", "aliases", "password", "certificate", "state")
+    for a in _run(_with_store(_settings(ctx), run)):
+        table.add_row(
+            a.address,
+            ", ".join(a.aliases),
+            "yes" if a.password_hash else "",
+            (a.certificate_sha256 or "")[:16],
+            "disabled" if a.disabled_at else "active",
+        )
+    Console().print(table)
+
+
+@accounts.command("disable")
+@click.argument("address")
+@click.pass_context
+def accounts_disable(ctx: click.Context, address: str) -> None:
+    """Disable an account (audited); it can no longer authenticate."""
+    from mssante.store.accounts import disable_account
+
+    clock = SystemClock()
+
+    async def run(st: Store) -> None:
+        async def job(session: Any) -> None:
+            try:
+                await disable_account(session, address, at=clock.now(), actor="cli")
+            except LookupError as exc:
+                raise click.ClickException(str(exc)) from exc
+
+        await st.writer.run(job)
+
+    _run(_with_store(_settings(ctx), run))
+    click.echo(f"account {address} disabled")
 
 
 # --- keys -------------------------------------------------------------------------------

@@ -168,3 +168,40 @@ def test_keys_rotate_and_erase_from_the_command_line(server: tuple[Path, int]) -
     erased = mssante(data_dir, "patients", "erase", "--yes", demo.ACTIVATED)
     assert erased.returncode == 0, erased.stderr
     assert "data key destroyed" in erased.stdout
+
+
+def test_accounts_add_list_disable(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    env = _env(data_dir)
+    added = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mssante",
+            "accounts",
+            "add",
+            "dr.x@cabinet.mssante.fr",
+            "--password-stdin",
+            "--alias",
+            "accueil@cabinet.mssante.fr",
+        ],
+        input="s3cret-passphrase\n",
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert added.returncode == 0, added.stderr
+    from tests.pki import Pki
+
+    cert = Pki(tmp_path / "pki").issue("dpi", "CN=dpi.cabinet.fr,O=Cabinet,C=FR")
+    again = mssante(
+        data_dir, "accounts", "add", "dr.x@cabinet.mssante.fr", "--cert", str(cert.cert_path)
+    )
+    assert again.returncode == 1 and "exists" in again.stderr
+    listed = mssante(data_dir, "accounts", "list")
+    assert "dr.x@cabinet.mssante.fr" in listed.stdout and "active" in listed.stdout
+    assert "s3cret" not in listed.stdout
+    assert mssante(data_dir, "accounts", "disable", "dr.x@cabinet.mssante.fr").returncode == 0
+    assert "disabled" in mssante(data_dir, "accounts", "list").stdout

@@ -49,13 +49,9 @@ class SmtpListener:
             # MX: operators authenticate by certificate; no SASL here.
             auth: dict[str, Any] = {"auth_exclude_mechanism": ["LOGIN", "PLAIN"]}
         else:
-            auth = {
-                "authenticator": self._auth,
-                "auth_required": True,
-                # Implicit TLS is TLS: aiosmtpd 1.4.6 only knows STARTTLS and
-                # would hide AUTH (and answer 538) on port 465.
-                "auth_require_tls": not self._implicit,
-            }
+            # AUTH over TLS only (aiosmtpd's default); protocol.py tells
+            # aiosmtpd that an implicit-TLS connection is TLS.
+            auth = {"authenticator": self._auth, "auth_required": True}
         return GatewayProtocol(
             self._policy,
             max_message_size=self._max_size,

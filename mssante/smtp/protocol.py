@@ -60,6 +60,10 @@ class AlertingSSLProtocol(sslproto.SSLProtocol):
             self._on_handshake_complete(None)
 
 
+# Stands for "this connection is TLS" where aiosmtpd expects its STARTTLS protocol.
+_IMPLICIT_TLS: Any = object()
+
+
 def new_log_id() -> str:
     return secrets.token_hex(6)
 
@@ -85,6 +89,11 @@ class GatewayProtocol(SMTP):
         ssl_object = transport.get_extra_info("ssl_object")
         if ssl_object is not None and self.session is not None and not self.session.ssl:
             self.session.ssl = {"ssl_object": ssl_object}
+            # aiosmtpd 1.4.6 knows TLS only through STARTTLS and would hide
+            # AUTH (and answer 538) on an implicit-TLS port: mark it as TLS.
+            # No STARTTLS is offered there (no tls_context).
+            if self._tls_protocol is None:
+                self._tls_protocol = _IMPLICIT_TLS
 
     async def reply(self, reply: Reply) -> None:
         await self.push(str(reply))
