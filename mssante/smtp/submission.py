@@ -39,6 +39,11 @@ def accept_for_parsing(*_: Any) -> AuthResult:
     return AuthResult(success=True, auth_data=_[-1])
 
 
+def _refused(reply: replies.Reply) -> AuthResult:
+    # handled=False: aiosmtpd sends our message as the reply.
+    return AuthResult(success=False, handled=False, message=str(reply))
+
+
 class SubmissionPolicy(Policy):
     def __init__(self, *, accounts: Accounts, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -84,7 +89,7 @@ class SubmissionPolicy(Policy):
         account = await self._accounts.by_password(login, creds.password.decode("utf-8", "replace"))
         if account is None:
             log.info("AUTH failed for an account")
-            return AuthResult(success=False, handled=False, message=str(replies.AUTH_FAILED))
+            return _refused(replies.AUTH_FAILED)
         log.info("AUTH ok account=%s", account.id)
         return AuthResult(success=True, auth_data=account, message=str(replies.AUTH_OK))
 
@@ -97,17 +102,17 @@ class SubmissionPolicy(Policy):
     async def auth_EXTERNAL(self, server: SMTP, args: list[str]) -> AuthResult:
         cert = peer_certificate(server.session)
         if cert is None:
-            return AuthResult(success=False, handled=False, message=str(replies.AUTH_NO_CERTIFICATE))
+            return _refused(replies.AUTH_NO_CERTIFICATE)
         if len(args) > 1 and args[1] != "=":
             # RFC 4422 A.1: an authorization identity must be our own address.
             try:
                 wanted = base64.b64decode(args[1], validate=True).decode()
             except ValueError:
-                return AuthResult(success=False, handled=False, message=str(replies.AUTH_FAILED))
+                return _refused(replies.AUTH_FAILED)
         else:
             wanted = None
         account = await self._accounts.by_certificate(cert.public_bytes(Encoding.DER))
         if account is None or (wanted is not None and not account.may_send_as(wanted)):
-            return AuthResult(success=False, handled=False, message=str(replies.AUTH_FAILED))
+            return _refused(replies.AUTH_FAILED)
         log.info("AUTH EXTERNAL ok account=%s", account.id)
         return AuthResult(success=True, auth_data=account, message=str(replies.AUTH_OK))

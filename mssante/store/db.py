@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy import event
-from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.engine import Connection, ExceptionContext, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlalchemy.ext.asyncio import AsyncSession as AsyncSession
 
@@ -100,6 +100,20 @@ def _server_engine(url: str, *, writer: bool) -> AsyncEngine:
         pool_timeout=30,
         connect_args=connect_args,
     )
+    if is_postgresql(url):
+
+        @event.listens_for(engine.sync_engine, "handle_error")
+        def _hide_detail(context: ExceptionContext) -> None:
+            # Like hide_parameters: PostgreSQL's DETAIL repeats the values of
+            # a violated key ("Key (ins)=(...) already exists"), and asyncpg
+            # prints it with its exception, so a traceback in the log would
+            # carry an INS or an address.
+            error: BaseException | None = context.original_exception
+            while error is not None:
+                if getattr(error, "detail", None):
+                    error.detail = None  # type: ignore[attr-defined]
+                error = error.__cause__
+
     if writer and is_postgresql(url):
 
         @event.listens_for(engine.sync_engine, "begin")

@@ -9,7 +9,10 @@ If a job fails, the batch is rolled back and each of its jobs is retried
 alone, so one bad job fails only its own caller.  Jobs must therefore be
 plain database work with no side effect outside the session.
 
-One writer per process also serialises the audit chain (audit.py).
+One writer per process also serialises the audit chain (audit.py).  Across
+processes sharing a database, each transaction of the writer engine first
+takes a lock: ``BEGIN IMMEDIATE`` on SQLite, an advisory lock on PostgreSQL
+(db.py), so writers of different processes take turns.
 """
 
 from __future__ import annotations

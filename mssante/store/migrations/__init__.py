@@ -62,6 +62,7 @@ def config(connection: Connection | None = None) -> Config:
 
 
 def script() -> ScriptDirectory:
+    """The revisions shipped with this version."""
     return ScriptDirectory.from_config(config())
 
 
@@ -103,20 +104,22 @@ def _current(conn: Connection) -> str | None:
     return MigrationContext.configure(conn).get_current_revision()
 
 
-def _foreign_tables(conn: Connection) -> list[str]:
-    """Tables present although the database carries no revision of ours."""
-    return [t for t in inspect(conn).get_table_names() if t != VERSION_TABLE]
-
-
-def _upgrade(conn: Connection, revision: str) -> None:
-    if _current(conn) is None and (tables := _foreign_tables(conn)):
+def _refuse_foreign_tables(conn: Connection) -> None:
+    """Tables but no revision: not ours to migrate (or made before migrations)."""
+    tables = sorted(t for t in inspect(conn).get_table_names() if t != VERSION_TABLE)
+    if tables and _current(conn) is None:
+        shown = ", ".join(tables[:4]) + (", ..." if len(tables) > 4 else "")
         raise SchemaError(
-            f"the database holds tables ({', '.join(sorted(tables)[:5])}...) but no mssante "
-            f"schema revision: it was not made by `{UPGRADE_COMMAND}`, which will not "
-            f"touch it (expected revision {head()}). Use an empty database.",
+            f"the database holds tables ({shown}) but no mssante schema revision (current: "
+            f"none, expected: {head()}): `{UPGRADE_COMMAND}` did not make them and will not "
+            "touch them. Use an empty database.",
             current=None,
             expected=head(),
         )
+
+
+def _upgrade(conn: Connection, revision: str) -> None:
+    _refuse_foreign_tables(conn)
     command.upgrade(config(conn), revision)
 
 
@@ -124,22 +127,24 @@ def _downgrade(conn: Connection, revision: str) -> None:
     command.downgrade(config(conn), revision)
 
 
+def _known(revision: str) -> bool:
+    try:
+        return script().get_revision(revision) is not None
+    except CommandError:
+        return False
+
+
 def _prepare(conn: Connection) -> None:
     expected = head()
     if not inspect(conn).get_table_names():
         log.info("empty database: creating the schema at revision %s", expected)
-        command.upgrade(config(conn), "head")
+        command.upgrade(config(conn), expected)
         return
+    _refuse_foreign_tables(conn)
     found = _current(conn)
     if found == expected:
         return
-    if found is None and _foreign_tables(conn):
-        _upgrade(conn, "head")  # raises the SchemaError that explains
-    try:
-        known = found is None or script().get_revision(found) is not None
-    except CommandError:
-        known = False
-    if not known:
+    if found is not None and not _known(found):
         raise SchemaError(
             f"database schema is at revision {found}, which this version of mssante does not "
             f"know (it needs {expected}): a newer mssante upgraded it; run that version",
