@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from mssante.store.models import AuditAnchor, AuditEvent
 
 GENESIS = "0" * 64
+_HEAD = "mssante.audit.head"
 
 
 def event_hash(
@@ -60,10 +61,17 @@ async def append(
     message_id: int | None = None,
     details: dict[str, Any] | None = None,
 ) -> AuditEvent:
-    # Autoflush sends events added earlier in this transaction first, so the
-    # newest one is always found here.
-    prev = await session.scalar(select(AuditEvent.hash).order_by(AuditEvent.id.desc()).limit(1))
-    prev_hash = prev or GENESIS
+    # The chain head is read once per transaction and then carried in the
+    # session (the writer serialises transactions, so nobody else appends
+    # meanwhile; a rolled-back session is thrown away with its cache).
+    prev_hash: str | None = session.info.get(_HEAD)
+    if prev_hash is None:
+        prev = await session.scalar(select(AuditEvent.hash).order_by(AuditEvent.id.desc()).limit(1))
+        if prev is None:
+            # Empty trail: the start, or everything purged (retention.py).
+            anchor = await session.get(AuditAnchor, 1)
+            prev = anchor.prev_hash if anchor is not None else None
+        prev_hash = prev or GENESIS
     details = details or {}
     event = AuditEvent(
         occurred_at=at,
@@ -84,7 +92,9 @@ async def append(
         ),
     )
     session.add(event)
-    await session.flush()
+    session.info[_HEAD] = event.hash
+    # Rows of one class are inserted in the order they were added, so ids
+    # follow the chain without a flush here.
     return event
 
 

@@ -59,7 +59,6 @@ class Recipient:
 class StoredMessage:
     message_id: int
     delivery_ids: list[int]
-    notification_ids: list[int]
 
 
 def sealed_metadata(incoming: IncomingMessage) -> dict[str, object]:
@@ -129,7 +128,7 @@ async def store_message(
         ),
     )
     session.add(message)
-    await session.flush()
+    await session.flush()  # message.id for the audit events
 
     # The professional is who the message says it is from; the envelope
     # sender stands in when From is missing or unparseable.
@@ -138,8 +137,7 @@ async def store_message(
     # RFC 5322 3.6.4: In-Reply-To first, then References newest first.
     refs = [*s.in_reply_to, *reversed(s.references)]
 
-    delivery_ids: list[int] = []
-    notification_ids: list[int] = []
+    deliveries: list[Delivery] = []
     for rcpt in recipients:
         patient = await session.get(Patient, rcpt.patient_id)
         if patient is None:  # erased between RCPT and now: nothing to deliver to
@@ -157,9 +155,9 @@ async def store_message(
             at=at,
         )
         delivery = Delivery(
-            message_id=message.id,
+            message=message,
             patient_id=patient.id,
-            conversation_id=conv.id,
+            conversation=conv,
             rcpt=rcpt.rcpt,
             wrapped_key=seal(
                 dek, incoming.message_key, message_key_context(incoming.ref, patient.id)
@@ -170,8 +168,7 @@ async def store_message(
             trashed_at=None,
         )
         session.add(delivery)
-        await session.flush()
-        delivery_ids.append(delivery.id)
+        deliveries.append(delivery)
 
         # DOMAIN.md 4: a Reply-To MSSanté address becomes an authorised contact.
         if s.reply_to and trust.is_mssante(s.reply_to):
@@ -195,7 +192,7 @@ async def store_message(
         planned = plan(_profile(patient), [_profile(r) for r in reps])
         notifications = [
             Notification(
-                delivery_id=delivery.id,
+                delivery=delivery,
                 patient_id=patient.id,
                 recipient_id=p.recipient_id,
                 channel=p.channel,
@@ -210,8 +207,6 @@ async def store_message(
             for p in planned
         ]
         session.add_all(notifications)
-        await session.flush()
-        notification_ids.extend(n.id for n in notifications)
 
         await audit.append(
             session,
@@ -231,4 +226,5 @@ async def store_message(
                 ],
             },
         )
-    return StoredMessage(message.id, delivery_ids, notification_ids)
+    await session.flush()
+    return StoredMessage(message.id, [d.id for d in deliveries])

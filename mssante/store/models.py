@@ -280,6 +280,8 @@ class Notification(Base):
     sent_at: Mapped[datetime | None]
     last_error: Mapped[str | None] = mapped_column(Text)
 
+    delivery: Mapped[Delivery] = relationship(lazy="raise")
+
 
 class AuditEvent(Base):
     """Append-only, hash-chained trail; never message content."""
