@@ -63,7 +63,7 @@ class Store:
         self.writer_sessions: SessionMaker = make_sessionmaker(self.write_engine)
         self.writer = Writer(self.writer_sessions, max_batch=settings.store.max_batch)
         self.blobs = BlobStore(self.data_dir)
-        self.directory = Directory(self.reads)
+        self.directory = Directory(self.read_engine)
         self.keyring = Keyring(
             load_key_provider(settings.store.keys_path(), create=settings.store.create_master_key)
         )

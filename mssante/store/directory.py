@@ -9,28 +9,30 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import date, datetime
 
-from sqlalchemy import select
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy import bindparam, select
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from mssante.routing.recipient import DirectoryEntry
 from mssante.store import audit
-from mssante.store.db import SessionMaker
 from mssante.store.keys import Keyring
 from mssante.store.models import LinkRole, Patient, PatientLink, ProfileStatus
 
 
 class Directory:
-    def __init__(self, sessions: SessionMaker) -> None:
-        self._sessions = sessions
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
 
     async def lookup(self, ins: str) -> DirectoryEntry | None:
-        async with self._sessions() as session:
-            row = (
-                await session.execute(select(Patient.id, Patient.status).where(Patient.ins == ins))
-            ).first()
+        # A Core query on a pooled connection: every RCPT does one, and an
+        # ORM session costs more than the indexed look-up itself.
+        async with self._engine.connect() as conn:
+            row = (await conn.execute(_LOOKUP, {"ins": ins})).first()
         if row is None:
             return None
         return DirectoryEntry(patient_id=row[0], status=row[1])
+
+
+_LOOKUP = select(Patient.id, Patient.status).where(Patient.ins == bindparam("ins"))
 
 
 @dataclass(frozen=True, slots=True)
