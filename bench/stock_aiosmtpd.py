@@ -1,6 +1,6 @@
 """Baseline servers for bench/throughput.py.
 
-Usage: ``stock_aiosmtpd.py PORT [--sqlite PATH]``
+Usage: ``stock_aiosmtpd.py PORT [--sqlite PATH] [--tls CERT KEY]``
 
 - without ``--sqlite``: "stock aiosmtpd": aiosmtpd's own ``SMTP`` protocol
   (its line-by-line DATA loop, message held in memory) with a handler whose
@@ -15,6 +15,13 @@ Usage: ``stock_aiosmtpd.py PORT [--sqlite PATH]``
 Both listen on 127.0.0.1, with a configured hostname (no DNS lookup) and a
 25 MB ``data_size_limit`` like mssante.  aiosmtpd's logging is left at
 Python's default (warnings only).  SIGTERM or SIGINT stops the server.
+
+``--tls CERT KEY`` (PEM chain and key; bench/throughput.py gives the
+development server certificate of the mssante data directory): STARTTLS is
+offered through aiosmtpd's own ``tls_context`` and required before MAIL
+(``require_starttls``), like mssante's MX.  The context mirrors mssante's
+server settings (TLS 1.2 minimum, ECDHE+AEAD suites for TLS 1.2, no
+compression nor renegotiation) but asks for no client certificate.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import argparse
 import asyncio
 import signal
 import sqlite3
+import ssl
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -33,6 +41,21 @@ from aiosmtpd.smtp import SMTP
 HOST = "127.0.0.1"
 HOSTNAME = "mx.stock.localhost"
 DATA_SIZE_LIMIT = 25_000_000
+
+
+# The TLS 1.2 suites of mssante.smtp.tls.server_context (TLS 1.3 suites are OpenSSL's).
+TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
+
+
+def tls_context(cert: Path, key: Path) -> ssl.SSLContext:
+    """A server context like mssante's, without the client certificate request."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_ciphers(TLS12_CIPHERS)
+    context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    context.options |= ssl.OP_NO_RENEGOTIATION
+    context.load_cert_chain(cert, key)
+    return context
 
 
 class StockHandler:
@@ -100,7 +123,7 @@ class SqliteHandler:
         return "250 OK"
 
 
-async def serve(port: int, sqlite_path: Path | None) -> None:
+async def serve(port: int, sqlite_path: Path | None, tls: ssl.SSLContext | None) -> None:
     loop = asyncio.get_running_loop()
     handler: StockHandler | SqliteHandler
     if sqlite_path is None:
@@ -115,6 +138,8 @@ async def serve(port: int, sqlite_path: Path | None) -> None:
             data_size_limit=DATA_SIZE_LIMIT,
             hostname=HOSTNAME,
             ident="stock-aiosmtpd ESMTP",
+            tls_context=tls,
+            require_starttls=tls is not None,
             loop=loop,
         )
 
@@ -122,7 +147,7 @@ async def serve(port: int, sqlite_path: Path | None) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    print(f"listening on {HOST}:{port}", flush=True)
+    print(f"listening on {HOST}:{port}" + (" (STARTTLS)" if tls else ""), flush=True)
     try:
         await stop.wait()
     finally:
@@ -136,8 +161,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("port", type=int)
     parser.add_argument("--sqlite", type=Path, default=None, metavar="PATH")
+    parser.add_argument(
+        "--tls", type=Path, nargs=2, default=None, metavar=("CERT", "KEY"), help="offer STARTTLS"
+    )
     args = parser.parse_args()
-    asyncio.run(serve(args.port, args.sqlite))
+    tls = tls_context(*args.tls) if args.tls else None
+    asyncio.run(serve(args.port, args.sqlite, tls))
 
 
 if __name__ == "__main__":

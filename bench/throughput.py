@@ -3,20 +3,30 @@
 Run with ``./dev bench [options]`` (= ``.venv/bin/python bench/throughput.py``).
 See BENCHMARKS.md for what is measured and the latest results.
 
-Targets, all started here as subprocesses on 127.0.0.1 and a free port:
+Targets, all started here as subprocesses on 127.0.0.1 and a free port,
+once per TLS mode (``--tls-modes off,on``):
 
 - ``mssante``: the real server, ``python -m mssante serve --demo``, on a fresh
-  temporary data directory, plaintext (see MSSANTE_PLAINTEXT);
+  temporary data directory; TLS off: plaintext (see MSSANTE_PLAINTEXT); TLS
+  on: its defaults (STARTTLS and a trust-space operator certificate
+  required); database SQLite in the data directory, or (``--database
+  postgresql``) a database of a throwaway PostgreSQL cluster started here;
 - ``stock``: stock aiosmtpd whose handler only answers 250 (bench/stock_aiosmtpd.py);
 - ``naive``: the same, committing each message to SQLite (WAL,
   ``synchronous=FULL``) in its own transaction before 250.
 
-Load: one new connection per message (greeting, EHLO, MAIL, RCPT, DATA,
-message, QUIT), ``sessions`` concurrent loops, realistic MIME messages with a
-PDF attachment.  For each cell (target x size x sessions): a warm-up, then a
-measured run bounded by ``--seconds`` and ``--messages``.  Cells are run
-target after target for each (size, sessions), so the ratios compare runs
-made minutes apart at most.
+With TLS on, the baselines offer (and require) STARTTLS with the same
+development server certificate as mssante, and the client says EHLO,
+STARTTLS, EHLO again before the transaction, presenting the development
+operator certificate (as ``mssante send-test`` does).
+
+Load: one new connection per message (greeting, EHLO, [STARTTLS, EHLO,]
+MAIL, RCPT, DATA, message, QUIT), ``sessions`` concurrent loops, realistic
+MIME messages with a PDF attachment.  For each cell (target x TLS mode x
+size x sessions): a warm-up, then a measured run bounded by ``--seconds``
+and ``--messages``.  Cells are run target after target and mode after mode
+for each (size, sessions), so the ratios compare runs made minutes apart at
+most.
 """
 
 from __future__ import annotations
@@ -40,7 +50,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from email.message import EmailMessage
@@ -53,9 +63,11 @@ from rich.console import Console
 from rich.table import Table
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))  # run as a script from anywhere: import mssante.demo
+sys.path.insert(0, str(REPO))  # run as a script from anywhere: import mssante, tests.pg
 
 from mssante import demo  # noqa: E402
+from mssante.settings import SmtpSettings  # noqa: E402
+from mssante.smtp.tls import client_context, ensure_dev_certificate  # noqa: E402
 
 HOST = "127.0.0.1"
 SENDER = "dr.durand@chu-exemple.mssante.fr"
@@ -69,19 +81,26 @@ START_TIMEOUT = 60.0
 STOP_TIMEOUT = 15.0
 MSGID_MARK = b"@@BENCH-MSGID@@"
 MSGID_LEN = len("<mssante-200-50.1234.123456@chu-exemple.mssante.fr>")  # typical
-# This benchmark measures the plaintext path, so mssante is told not to
-# require STARTTLS nor a trust-space client certificate (both on by default).
-# The TLS variant will drop these, give ClientConfig a context with the
-# development CA and operator certificate of the data dir (tls/dev-ca.pem,
-# tls/dev-operator.pem, as `mssante send-test` does) and give the baselines
-# a certificate too.
+# TLS off measures the plaintext path: mssante is told not to require
+# STARTTLS nor a trust-space client certificate (both on by default).  TLS on
+# sets neither (and removes them from the inherited environment): the client
+# then presents the development operator certificate of the data dir
+# (tls/dev-operator.pem, trusted through tls/dev-ca.pem, as `mssante
+# send-test` does), whose subject the dev whitelist lists for SENDER's domain.
 MSSANTE_PLAINTEXT = {
     "MSSANTE_SMTP__REQUIRE_TLS": "false",
     "MSSANTE_TRUST__REQUIRE_CLIENT_CERTIFICATE": "false",
 }
+# In every mode: the abuse limit of 120 messages per minute per peer identity
+# (the certificate subject, else the IP address: here one identity for all
+# sessions) would answer 451 4.7.0 after two seconds of load.  The limit
+# check itself still runs for each MAIL.
+MSSANTE_BENCH = {"MSSANTE_LIMITS__MESSAGES_PER_MINUTE": "100000000"}
+TLS_MODES = ("off", "on")
+DATABASES = ("sqlite", "postgresql")
 
 # Wide enough for the results table when the output is a file or a pipe.
-console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+console = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
 
 
 # --- messages -----------------------------------------------------------------------
@@ -167,11 +186,18 @@ class SmtpFailure(Exception):
 class ClientConfig:
     host: str
     port: int
-    # Hook for the TLS variant (not wired to an option yet): with a context,
-    # the client sends STARTTLS after EHLO and says EHLO again.  See
-    # MSSANTE_PLAINTEXT for what else that variant needs.
+    # With a context, the client sends STARTTLS after EHLO and says EHLO again.
     tls: ssl.SSLContext | None = None
     tls_server_name: str | None = None
+
+
+def tls_client_config(host: str, port: int, tls_dir: Path) -> ClientConfig:
+    """STARTTLS trusting the development CA, presenting the development operator."""
+    context = client_context(
+        tls_dir / "dev-ca.pem", tls_dir / "dev-operator.pem", tls_dir / "dev-operator.key"
+    )
+    # The dev server certificate names 127.0.0.1 (and localhost): checked as such.
+    return ClientConfig(host, port, tls=context, tls_server_name=host)
 
 
 async def _reply(reader: asyncio.StreamReader) -> tuple[int, str]:
@@ -205,10 +231,13 @@ class Timing:
     transaction: float  # connect -> QUIT answered and socket closed
 
 
-async def transaction(config: ClientConfig, payload: Payload, msgid: bytes) -> Timing:
+async def transaction(
+    config: ClientConfig, payload: Payload, msgid: bytes, tls_info: list[str] | None = None
+) -> Timing:
     """One message on one new connection.  Raises on any failure.
 
     Commands are sent one at a time (no PIPELINING), like a plain client.
+    With TLS, ``tls_info`` (if given) receives the negotiated version and cipher.
     """
     stage = ["connect"]  # for exceptions that are not replies
     t0 = time.perf_counter()
@@ -218,7 +247,8 @@ async def transaction(config: ClientConfig, payload: Payload, msgid: bytes) -> T
         try:
             # drain() then waits until every byte is in the kernel: the time of
             # the end mark below is the time it was really sent.
-            writer.transport.set_write_buffer_limits(high=0)
+            raw = writer.transport
+            raw.set_write_buffer_limits(high=0)
             async with asyncio.timeout(REPLY_TIMEOUT):
                 stage[0] = "greeting"
                 await _expect(reader, "greeting", 220)
@@ -228,7 +258,15 @@ async def transaction(config: ClientConfig, payload: Payload, msgid: bytes) -> T
                     stage[0] = "STARTTLS"
                     await _command(reader, writer, "STARTTLS", "STARTTLS", 220)
                     await writer.start_tls(config.tls, server_hostname=config.tls_server_name)
-                    await _command(reader, writer, "EHLO", f"EHLO {EHLO_NAME}", 250)
+                    # The TLS transport has its own buffer: drain() must wait for it
+                    # too.  high=1, not 0: asyncio's SSL flow control pauses at
+                    # size >= high, so 0 would pause an empty buffer for good.
+                    writer.transport.set_write_buffer_limits(high=1, low=0)
+                    if tls_info is not None:
+                        ssl_object = writer.get_extra_info("ssl_object")
+                        tls_info += [str(ssl_object.version()), str(ssl_object.cipher()[0])]
+                    stage[0] = "EHLO after STARTTLS"
+                    await _command(reader, writer, "EHLO after STARTTLS", f"EHLO {EHLO_NAME}", 250)
                 stage[0] = "MAIL"
                 await _command(
                     reader, writer, "MAIL", f"MAIL FROM:<{SENDER}> SIZE={payload.size}", 250
@@ -242,7 +280,11 @@ async def transaction(config: ClientConfig, payload: Payload, msgid: bytes) -> T
                 writer.write(msgid)
                 writer.write(payload.body)
                 await writer.drain()
-                writer.write(Payload.END)  # buffer empty: sent at once
+                # With TLS, drain() returns once the records are handed to the
+                # socket transport, which may still hold the last ones.
+                while raw.get_write_buffer_size():
+                    await asyncio.sleep(0.0002)
+                writer.write(Payload.END)  # buffers empty: sent at once
                 t_end = time.perf_counter()
                 stage[0] = "end of data"
                 await _expect(reader, "end of data", 250)
@@ -285,12 +327,24 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 class Server:
     """A server subprocess: started, probed until it delivers, stopped for sure."""
 
-    def __init__(self, name: str, argv: list[str], env: dict[str, str], log: Path) -> None:
-        self.name = name
+    def __init__(
+        self,
+        target: str,
+        tls: bool,
+        argv: list[str],
+        env: dict[str, str],
+        log: Path,
+        client: ClientConfig,
+    ) -> None:
+        self.target = target
+        self.tls = tls
+        self.name = f"{target}+tls" if tls else target  # for messages and log files
         self.argv = argv
         self.env = env
         self.log = log
         self.port = int(env["BENCH_PORT"])
+        self.client = client
+        self.negotiated = ""  # TLS version and cipher seen by the probe
         self.proc: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> Server:
@@ -341,13 +395,14 @@ class Server:
     async def wait_ready(self, probe: Payload) -> None:
         """Until the port accepts and a probe message gets its 250 (demo data seeded)."""
         deadline = time.monotonic() + START_TIMEOUT
-        config = ClientConfig(HOST, self.port)
         last = "no connection yet"
         while time.monotonic() < deadline:
             if not self.alive():
                 raise RuntimeError(f"{self.name} exited during start-up:\n{self.log_tail()}")
             try:
-                await transaction(config, probe, b"<probe@bench.invalid>")
+                info: list[str] = []
+                await transaction(self.client, probe, b"<probe@bench.invalid>", info)
+                self.negotiated = " ".join(info)
                 return
             except SmtpFailure as exc:
                 last = str(exc)
@@ -396,32 +451,60 @@ class Server:
         return counts
 
 
-def make_server(name: str, tmp: Path) -> Server:
+def mssante_data_dir(tmp: Path, tls: bool) -> Path:
+    return tmp / ("mssante-tls-data" if tls else "mssante-data")
+
+
+def prepare_tls(tmp: Path) -> Path:
+    """The development CA, server and operator certificates of the TLS mssante.
+
+    Made here with mssante's own function before any server starts, so the
+    baselines can use the server certificate too; mssante finds them at start
+    and uses them as if it had made them.  Returns the ``tls`` directory.
+    """
+    tls_dir = mssante_data_dir(tmp, True) / "tls"
+    ensure_dev_certificate(tls_dir, SmtpSettings().hostname)
+    return tls_dir
+
+
+def make_server(target: str, tls: bool, tmp: Path, *, database_url: str | None = None) -> Server:
     port = free_port()
     env = dict(os.environ)
     env["BENCH_PORT"] = str(port)
     env["PYTHONUNBUFFERED"] = "1"
+    name = f"{target}+tls" if tls else target
     log = tmp / f"{name}.log"
     python = sys.executable
-    if name == "mssante":
-        data = tmp / "mssante-data"
+    stock = [python, str(REPO / "bench" / "stock_aiosmtpd.py"), str(port)]
+    tls_dir = mssante_data_dir(tmp, True) / "tls"
+    if tls and target != "mssante":
+        stock += ["--tls", str(tls_dir / "dev-server.pem"), str(tls_dir / "dev-server.key")]
+    if target == "mssante":
         env |= {
-            "MSSANTE_STORE__DATA_DIR": str(data),
+            "MSSANTE_STORE__DATA_DIR": str(mssante_data_dir(tmp, tls)),
             "MSSANTE_SMTP__HOST": HOST,
             "MSSANTE_SMTP__PORT": str(port),
             "MSSANTE_SUBMISSION__PORT": "0",
-            **MSSANTE_PLAINTEXT,
+            **MSSANTE_BENCH,
         }
+        if tls:
+            for key in MSSANTE_PLAINTEXT:
+                env.pop(key, None)
+        else:
+            env |= MSSANTE_PLAINTEXT
+        if database_url is not None:
+            env["MSSANTE_STORE__DATABASE_URL"] = database_url
         argv = [python, "-m", "mssante", "serve", "--demo"]
-    elif name == "stock":
-        argv = [python, str(REPO / "bench" / "stock_aiosmtpd.py"), str(port)]
-    elif name == "naive":
-        db = tmp / "naive" / "naive.db"
+    elif target == "stock":
+        argv = stock
+    elif target == "naive":
+        db = tmp / f"{name}-db" / "naive.db"
         db.parent.mkdir()
-        argv = [python, str(REPO / "bench" / "stock_aiosmtpd.py"), str(port), "--sqlite", str(db)]
+        argv = [*stock, "--sqlite", str(db)]
     else:
-        raise ValueError(name)
-    return Server(name, argv, env, log)
+        raise ValueError(target)
+    client = tls_client_config(HOST, port, tls_dir) if tls else ClientConfig(HOST, port)
+    return Server(target, tls, argv, env, log, client)
 
 
 # --- load -----------------------------------------------------------------------------
@@ -430,6 +513,7 @@ def make_server(name: str, tmp: Path) -> Server:
 @dataclass
 class CellResult:
     target: str
+    tls: bool
     size_kb: int
     sessions: int
     messages: int = 0
@@ -443,6 +527,10 @@ class CellResult:
     txn_p50_ms: float = float("nan")
     txn_p99_ms: float = float("nan")
     server_cpu_s_per_msg: float = float("nan")
+    # PostgreSQL only, mssante cells: CPU of the whole cluster (postmaster and
+    # every backend) over the measured run, per message: work the server
+    # process no longer does itself.
+    db_cpu_s_per_msg: float = float("nan")
     server_peak_rss_mb: float = float("nan")
     peak_rss_since_start: bool = False
     client_cpu_frac: float = float("nan")
@@ -510,12 +598,13 @@ async def run_cell(
     size_kb: int,
     sessions: int,
     args: argparse.Namespace,
+    db_cpu: Callable[[], float] | None = None,
 ) -> CellResult:
-    result = CellResult(server.name, size_kb, sessions)
+    result = CellResult(server.target, server.tls, size_kb, sessions)
     if not server.alive():
         result.note = "server not running"
         return result
-    config = ClientConfig(HOST, server.port)
+    config = server.client
     tag = f"{server.name}-{size_kb}-{sessions}"
     if args.warmup > 0:
         warm, _ = await run_load(
@@ -524,11 +613,14 @@ async def run_cell(
         result.warmup_errors = dict(warm.errors)
     rss_reset = server.reset_peak_rss()
     cpu0 = server.cpu_seconds()
+    db0 = db_cpu() if db_cpu else 0.0
     client0 = time.process_time()
     load, elapsed = await run_load(
         config, payloads, sessions, seconds=args.seconds, messages=args.messages, tag=tag
     )
     client_cpu = time.process_time() - client0
+    if db_cpu is not None and load.timings:
+        result.db_cpu_s_per_msg = (db_cpu() - db0) / len(load.timings)
     if not server.alive():
         result.note = "server died during the cell"
     else:
@@ -594,10 +686,16 @@ def _f(value: float, digits: int = 1) -> str:
     return "-" if value != value else f"{value:.{digits}f}"  # NaN -> "-"
 
 
+def _onoff(tls: bool) -> str:
+    return "on" if tls else "off"
+
+
 def results_table(results: Sequence[CellResult]) -> Table:
     table = Table(title="Throughput (one new connection per message)")
+    with_db = any(r.db_cpu_s_per_msg == r.db_cpu_s_per_msg for r in results)  # not all NaN
     for name, justify in (
         ("target", "left"),
+        ("TLS", "left"),
         ("size kB", "right"),
         ("sessions", "right"),
         ("msgs", "right"),
@@ -607,13 +705,17 @@ def results_table(results: Sequence[CellResult]) -> Table:
         ("txn p99 ms", "right"),
         ("errors", "right"),
         ("srv CPU ms/msg", "right"),
+        ("db CPU ms/msg", "right"),
         ("srv peak RSS MiB", "right"),
         ("client CPU", "right"),
     ):
-        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+        if with_db or name != "db CPU ms/msg":
+            table.add_column(name, justify=justify)  # type: ignore[arg-type]
     for r in results:
+        db = [_f(r.db_cpu_s_per_msg * 1000, 2)] if with_db else []
         table.add_row(
             r.target,
+            _onoff(r.tls),
             str(r.size_kb),
             str(r.sessions),
             str(r.messages),
@@ -623,6 +725,7 @@ def results_table(results: Sequence[CellResult]) -> Table:
             _f(r.txn_p99_ms, 2),
             f"[bold red]{r.errors}[/]" if r.errors else "0",
             _f(r.server_cpu_s_per_msg * 1000, 2),
+            *db,
             _f(r.server_peak_rss_mb) + ("*" if r.peak_rss_since_start else ""),
             _f(r.client_cpu_frac * 100, 0) + "%",
         )
@@ -630,32 +733,177 @@ def results_table(results: Sequence[CellResult]) -> Table:
 
 
 def ratios(results: Sequence[CellResult]) -> list[dict[str, object]]:
-    by_key = {(r.target, r.size_kb, r.sessions): r for r in results}
+    """mssante msgs/s over each baseline's, same TLS mode, size and sessions."""
+    by_key = {(r.target, r.tls, r.size_kb, r.sessions): r for r in results}
     rows: list[dict[str, object]] = []
     for r in results:
         if r.target != "mssante":
             continue
-        row: dict[str, object] = {"size_kb": r.size_kb, "sessions": r.sessions}
+        row: dict[str, object] = {"tls": r.tls, "size_kb": r.size_kb, "sessions": r.sessions}
         for base in ("stock", "naive"):
-            other = by_key.get((base, r.size_kb, r.sessions))
+            other = by_key.get((base, r.tls, r.size_kb, r.sessions))
             if other is not None and other.msgs_per_s > 0:
                 row[f"mssante/{base}"] = r.msgs_per_s / other.msgs_per_s
-        if len(row) > 2:
+        if len(row) > 3:
             rows.append(row)
     return rows
 
 
 def ratio_table(rows: Sequence[dict[str, object]]) -> Table:
-    table = Table(title="mssante msgs/s relative to the baselines (same run)")
-    for name in ("size kB", "sessions", "mssante / stock", "mssante / naive"):
-        table.add_column(name, justify="right")
+    table = Table(title="mssante msgs/s over the baselines (same run and TLS mode)")
+    for name in ("TLS", "size kB", "sessions", "mssante / stock", "mssante / naive"):
+        table.add_column(name, justify="left" if name == "TLS" else "right")
     for row in rows:
         cells = []
         for base in ("mssante/stock", "mssante/naive"):
             value = row.get(base)
             cells.append(f"{value:.2f}" if isinstance(value, float) else "-")
-        table.add_row(str(row["size_kb"]), str(row["sessions"]), *cells)
+        table.add_row(_onoff(bool(row["tls"])), str(row["size_kb"]), str(row["sessions"]), *cells)
     return table
+
+
+def tls_pairs(results: Sequence[CellResult]) -> list[tuple[CellResult, CellResult]]:
+    """(TLS off, TLS on) results of each target, size and sessions run in both modes."""
+    by_key = {(r.target, r.tls, r.size_kb, r.sessions): r for r in results}
+    return [
+        (r, on)
+        for r in results
+        if not r.tls and (on := by_key.get((r.target, True, r.size_kb, r.sessions)))
+    ]
+
+
+def tls_table(pairs: Sequence[tuple[CellResult, CellResult]]) -> Table:
+    table = Table(title="TLS off vs on (same run): off / on")
+    with_db = any(r.db_cpu_s_per_msg == r.db_cpu_s_per_msg for pair in pairs for r in pair)
+    for name, justify in (
+        ("target", "left"),
+        ("size kB", "right"),
+        ("sessions", "right"),
+        ("msgs/s", "right"),
+        ("on/off", "right"),
+        ("t250 p50 ms", "right"),
+        ("t250 p99 ms", "right"),
+        ("txn p50 ms", "right"),
+        ("srv CPU ms/msg", "right"),
+        ("+CPU ms/msg", "right"),
+        ("db CPU ms/msg", "right"),
+        ("srv peak RSS MiB", "right"),
+    ):
+        if with_db or name != "db CPU ms/msg":
+            table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    for off, on in pairs:
+        db = (
+            [f"{_f(off.db_cpu_s_per_msg * 1000, 2)} / {_f(on.db_cpu_s_per_msg * 1000, 2)}"]
+            if with_db
+            else []
+        )
+        speed = on.msgs_per_s / off.msgs_per_s if off.msgs_per_s > 0 else float("nan")
+        extra = (on.server_cpu_s_per_msg - off.server_cpu_s_per_msg) * 1000
+        table.add_row(
+            off.target,
+            str(off.size_kb),
+            str(off.sessions),
+            f"{_f(off.msgs_per_s)} / {_f(on.msgs_per_s)}",
+            _f(speed, 2),
+            f"{_f(off.t250_p50_ms, 2)} / {_f(on.t250_p50_ms, 2)}",
+            f"{_f(off.t250_p99_ms, 2)} / {_f(on.t250_p99_ms, 2)}",
+            f"{_f(off.txn_p50_ms, 2)} / {_f(on.txn_p50_ms, 2)}",
+            f"{_f(off.server_cpu_s_per_msg * 1000, 2)} / {_f(on.server_cpu_s_per_msg * 1000, 2)}",
+            _f(extra, 2),
+            *db,
+            f"{_f(off.server_peak_rss_mb)} / {_f(on.server_peak_rss_mb)}",
+        )
+    return table
+
+
+# --- database -------------------------------------------------------------------------
+
+
+@dataclass
+class Database:
+    """Where mssante keeps its tables: ``urls`` by TLS mode (None: SQLite in the data dir)."""
+
+    kind: str
+    description: str
+    urls: dict[bool, str | None]
+    cpu_seconds: Callable[[], float] | None = None  # of the database server, if separate
+
+
+def process_tree_cpu_seconds(root: int) -> float:
+    """utime + stime of ``root`` and its children, live or exited (from /proc).
+
+    PostgreSQL: the postmaster and its backends and auxiliary processes,
+    which are all its direct children.
+    """
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:  # exited meanwhile
+            continue
+        pid, ppid = int(stat.parent.name), int(fields[1])
+        if pid == root:  # cutime + cstime: its children that exited and were waited for
+            total += sum(int(f) for f in fields[11:15])
+        elif ppid == root:
+            total += int(fields[11]) + int(fields[12])
+    return total / CLK_TCK
+
+
+@contextlib.contextmanager
+def sqlite_database() -> Iterator[Database]:
+    yield Database(
+        "sqlite",
+        "sqlite: mssante.db in each mssante data dir (WAL, synchronous=FULL)",
+        {False: None, True: None},
+    )
+
+
+@contextlib.contextmanager
+def postgresql_database(modes: Sequence[bool], tmpdir: Path | None) -> Iterator[Database]:
+    """A throwaway PostgreSQL cluster (tests/pg.py) and one database per TLS mode.
+
+    The cluster listens on 127.0.0.1 (and a unix socket in its directory)
+    only, runs as the ``postgres`` user when we are root, and is stopped and
+    its directory removed on the way out, Ctrl-C and SIGTERM included.  Its
+    directory is a sibling of the data dir (under ``--tmpdir`` if given): the
+    ``postgres`` user cannot enter our own 0700 temporary directory.
+    """
+    from tests import pg  # here: the SQLite runs need neither asyncpg nor tests/
+
+    saved = tempfile.tempdir
+    tempfile.tempdir = str(tmpdir) if tmpdir is not None else saved
+    try:
+        cluster = pg.PgCluster()  # makes its temporary directory at once
+    finally:
+        tempfile.tempdir = saved
+    try:
+        t0 = time.monotonic()
+        cluster.start()
+        urls: dict[bool, str | None] = {
+            tls: asyncio.run(pg.create_database(cluster.url(), f"bench_tls_{_onoff(tls)}"))
+            for tls in modes
+        }
+        version = subprocess.run(
+            [str(cluster.bindir / "postgres"), "--version"],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout.strip()
+        names = ", ".join(str(url).rpartition("/")[2] for url in urls.values())
+        description = (
+            f"postgresql: {version}, throwaway cluster in {cluster.root} on "
+            f"{filesystem_of(cluster.root)}, 127.0.0.1:{cluster.port}, fsync=on, "
+            f"synchronous_commit=on (tests/pg.py), databases {names}; "
+            f"started in {time.monotonic() - t0:.1f} s"
+        )
+        postmaster = int((cluster.data / "postmaster.pid").read_text().split()[0])
+        yield Database(
+            "postgresql", description, urls, lambda: process_tree_cpu_seconds(postmaster)
+        )
+    finally:
+        if (cluster.data / "postmaster.pid").exists():
+            cluster.running = True  # interrupted while pg_ctl started it: stop it all the same
+        cluster.remove()
 
 
 # --- main -----------------------------------------------------------------------------
@@ -681,6 +929,13 @@ def _targets(text: str) -> list[str]:
     return names
 
 
+def _tls_modes(text: str) -> list[bool]:
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    if not names or any(n not in TLS_MODES for n in names) or len(set(names)) < len(names):
+        raise argparse.ArgumentTypeError(f"'off', 'on' or 'off,on' expected; got {text!r}")
+    return [n == "on" for n in names]
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="bench/throughput.py",
@@ -694,12 +949,36 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--messages", type=int, default=3000, help="message cap per cell")
     parser.add_argument("--warmup", type=float, default=1.0, help="warm-up seconds per cell")
     parser.add_argument("--targets", type=_targets, default=list(TARGETS), help="servers to run")
+    tls = parser.add_mutually_exclusive_group()
+    tls.add_argument(
+        "--tls-modes",
+        type=_tls_modes,
+        default=[False],
+        metavar="off,on",
+        help="TLS off (plaintext), on (STARTTLS, operator certificate) or both, in this "
+        "order within each size and session count (default: off)",
+    )
+    tls.add_argument(
+        "--tls",
+        dest="tls_modes",
+        action="store_const",
+        const=[True],
+        help="the same as --tls-modes on",
+    )
+    parser.add_argument(
+        "--database",
+        choices=DATABASES,
+        default="sqlite",
+        help="mssante's database: SQLite in its data dir, or a throwaway PostgreSQL "
+        "cluster started for the run (default: sqlite; the naive baseline stays SQLite)",
+    )
     parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="write results")
     parser.add_argument(
         "--tmpdir",
         type=Path,
         default=None,
-        help="where the temporary data directories go (default: $TMPDIR or /tmp)",
+        help="where the temporary data directories (and PostgreSQL cluster) go "
+        "(default: $TMPDIR or /tmp)",
     )
     parser.add_argument(
         "--keep-logs", action="store_true", help="copy the server logs next to --json"
@@ -716,37 +995,58 @@ def header(args: argparse.Namespace, info: dict[str, str], tmp: Path) -> None:
     )
     console.print(f"[bold]data dir[/] {tmp} on {filesystem_of(tmp)}")
     console.print(f"[bold]sources[/]  mssante/**/*.py sha256 {info['sources']}")
-    overrides = " ".join(f"{k}={v}" for k, v in MSSANTE_PLAINTEXT.items())
-    console.print(f"[bold]mssante[/]  no TLS: {overrides}")
+    console.print(f"[bold]database[/] {args.database} (mssante; the naive baseline uses SQLite)")
+    bench = " ".join(f"{k}={v}" for k, v in MSSANTE_BENCH.items())
+    console.print(f"[bold]mssante[/]  every mode: {bench}")
+    if False in args.tls_modes:
+        overrides = " ".join(f"{k}={v}" for k, v in MSSANTE_PLAINTEXT.items())
+        console.print(f"[bold]TLS off[/]  mssante: {overrides}; client: plain SMTP")
+    if True in args.tls_modes:
+        console.print(
+            "[bold]TLS on[/]   mssante: defaults (STARTTLS and operator certificate required); "
+            "baselines: STARTTLS with the same tls/dev-server.pem, no client certificate "
+            "asked; client: EHLO, STARTTLS (trusts tls/dev-ca.pem, presents "
+            "tls/dev-operator.pem), EHLO, then the transaction; a full handshake per message"
+        )
     inherited = sorted(k for k in os.environ if k.startswith("MSSANTE_"))
     if inherited:
         console.print(f"[yellow]inherited environment (also seen by mssante): {inherited}")
     console.print(
-        f"[bold]plan[/]     targets={','.join(args.targets)} sizes={args.sizes} kB "
+        f"[bold]plan[/]     targets={','.join(args.targets)} "
+        f"TLS={','.join(_onoff(t) for t in args.tls_modes)} sizes={args.sizes} kB "
         f"sessions={args.sessions} warm-up={args.warmup:g} s "
         f"cell<= {args.seconds:g} s / {args.messages} msgs"
     )
 
 
 async def run_all(
-    args: argparse.Namespace, servers: dict[str, Server], payloads: dict[int, list[Payload]]
+    args: argparse.Namespace,
+    servers: dict[tuple[str, bool], Server],
+    payloads: dict[int, list[Payload]],
+    database: Database,
 ) -> list[CellResult]:
-    for name, server in servers.items():
+    for server in servers.values():
         t0 = time.monotonic()
         await server.wait_ready(payloads[min(payloads)][0])
-        console.print(f"{name}: ready on {HOST}:{server.port} in {time.monotonic() - t0:.1f} s")
+        console.print(
+            f"{server.name}: ready on {HOST}:{server.port} in {time.monotonic() - t0:.1f} s"
+            + (f" ({server.negotiated})" if server.negotiated else "")
+        )
     results: list[CellResult] = []
     for size_kb in args.sizes:
         for sessions in args.sessions:
-            for name in args.targets:
-                r = await run_cell(servers[name], payloads[size_kb], size_kb, sessions, args)
-                results.append(r)
-                console.print(
-                    f"  {name:8} {size_kb:4} kB {sessions:3} sessions: "
-                    f"{r.messages:5} msgs {r.msgs_per_s:7.1f}/s  "
-                    f"t250 p50 {_f(r.t250_p50_ms, 2)} ms  errors {r.errors}"
-                    + (f"  [red]{r.note}" if r.note else "")
-                )
+            for tls in args.tls_modes:
+                for target in args.targets:
+                    server = servers[(target, tls)]
+                    db_cpu = database.cpu_seconds if target == "mssante" else None
+                    r = await run_cell(server, payloads[size_kb], size_kb, sessions, args, db_cpu)
+                    results.append(r)
+                    console.print(
+                        f"  {server.name:12} {size_kb:4} kB {sessions:3} sessions: "
+                        f"{r.messages:5} msgs {r.msgs_per_s:7.1f}/s  "
+                        f"t250 p50 {_f(r.t250_p50_ms, 2)} ms  errors {r.errors}"
+                        + (f"  [red]{r.note}" if r.note else "")
+                    )
     return results
 
 
@@ -757,32 +1057,48 @@ def main(argv: Sequence[str] | None = None) -> int:
         kb: [build_payload(f"{ins}@{PATIENT_DOMAIN}", kb * KB) for ins in PATIENTS]
         for kb in args.sizes
     }
-    # A SIGTERM to the benchmark unwinds like Ctrl-C: servers are stopped.
+    # A SIGTERM to the benchmark unwinds like Ctrl-C: servers (and the
+    # PostgreSQL cluster) are stopped.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     results: list[CellResult] = []
     levels: dict[str, dict[str, int]] = {}
+    negotiated: dict[str, str] = {}
+    database_description = ""
     with tempfile.TemporaryDirectory(prefix="mssante-bench-", dir=args.tmpdir) as tmp_name:
         tmp = Path(tmp_name)
         header(args, info, tmp)
         sizes = ", ".join(f"{kb} kB -> {payloads[kb][0].size} octets" for kb in args.sizes)
         console.print(f"[bold]messages[/] {sizes}")
-        servers: dict[str, Server] = {}
+        servers: dict[tuple[str, bool], Server] = {}
         try:
             with contextlib.ExitStack() as stack:
-                for name in args.targets:
-                    servers[name] = stack.enter_context(make_server(name, tmp))
-                results = asyncio.run(run_all(args, servers, payloads))
-                for name, server in servers.items():
+                # Entered first, left last: the cluster outlives the servers.
+                if args.database == "postgresql":
+                    database = stack.enter_context(postgresql_database(args.tls_modes, args.tmpdir))
+                else:
+                    database = stack.enter_context(sqlite_database())
+                database_description = database.description
+                console.print(f"[bold]database[/] {database.description}")
+                if True in args.tls_modes:
+                    prepare_tls(tmp)
+                for tls in args.tls_modes:
+                    for target in args.targets:
+                        server = make_server(target, tls, tmp, database_url=database.urls[tls])
+                        servers[(target, tls)] = stack.enter_context(server)
+                results = asyncio.run(run_all(args, servers, payloads, database))
+                for server in servers.values():
                     if not server.alive():
-                        console.print(f"[red]{name} is not running:\n{server.log_tail()}")
+                        console.print(f"[red]{server.name} is not running:\n{server.log_tail()}")
             # Servers stopped (SIGTERM): their logs are complete.
-            for name, server in servers.items():
-                levels[name] = dict(server.log_levels())
+            for server in servers.values():
+                levels[server.name] = dict(server.log_levels())
+                if server.negotiated:
+                    negotiated[server.name] = server.negotiated
                 if args.keep_logs and args.json is not None:
-                    dest = args.json.with_name(f"{args.json.stem}.{name}.log")
+                    dest = args.json.with_name(f"{args.json.stem}.{server.name}.log")
                     dest.write_bytes(server.log.read_bytes())
         except KeyboardInterrupt:
-            console.print("[yellow]interrupted: servers stopped")
+            console.print("[yellow]interrupted: servers stopped, temporary data removed")
             return 130
 
     if source_fingerprint() != info["sources"]:
@@ -796,9 +1112,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ratio_rows = ratios(results)
     if ratio_rows:
         console.print(ratio_table(ratio_rows))
+    pairs = tls_pairs(results)
+    if pairs:
+        console.print(tls_table(pairs))
     errors = [r for r in results if r.errors or r.note or r.warmup_errors]
     for r in errors:
-        console.print(f"[red]{r.target} {r.size_kb} kB x{r.sessions}: {r.note}")
+        console.print(f"[red]{r.target} TLS {_onoff(r.tls)} {r.size_kb} kB x{r.sessions}: {r.note}")
         for kind, n in sorted(r.error_kinds.items(), key=lambda kv: -kv[1]):
             console.print(f"[red]    {n:5}  {kind}")
         for kind, n in sorted(r.warmup_errors.items(), key=lambda kv: -kv[1]):
@@ -814,9 +1133,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "machine": info,
             "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+            "database": database_description,
+            "tls_negotiated": negotiated,
             "message_octets": {kb: payloads[kb][0].size for kb in args.sizes},
             "results": [asdict(r) for r in results],
             "ratios": ratio_rows,
+            "tls_on_over_off": [
+                {
+                    "target": off.target,
+                    "size_kb": off.size_kb,
+                    "sessions": off.sessions,
+                    "msgs_per_s": on.msgs_per_s / off.msgs_per_s if off.msgs_per_s else None,
+                    "extra_server_cpu_ms_per_msg": (
+                        on.server_cpu_s_per_msg - off.server_cpu_s_per_msg
+                    )
+                    * 1000,
+                }
+                for off, on in pairs
+            ],
             "server_log_levels": levels,
         }
         args.json.write_text(json.dumps(report, indent=2) + "\n")

@@ -80,20 +80,29 @@ def pg_admin_url() -> Iterator[str]:
     if url := os.environ.get(pg.ENV_URL):
         yield url
         return
-    try:
-        cluster = pg.PgCluster()
-    except pg.PgUnavailable as exc:
-        pytest.fail(str(exc), pytrace=False)
-    atexit.register(cluster.remove)  # should the session end without teardown
-    try:
-        cluster.start()
-    except pg.PgUnavailable as exc:
-        cluster.remove()
-        pytest.fail(str(exc), pytrace=False)
+    cluster = pg_cluster_or_fail()
     try:
         yield cluster.url()
     finally:
         cluster.remove()
+
+
+def pg_cluster_or_fail() -> pg.PgCluster:
+    """A started cluster, or the test fails saying what is missing (never a skip)."""
+    problem = ""
+    try:
+        cluster = pg.PgCluster()
+        atexit.register(cluster.remove)  # should the session end without teardown
+        try:
+            cluster.start()
+        except pg.PgUnavailable:
+            cluster.remove()
+            raise
+    except pg.PgUnavailable as exc:
+        problem = str(exc)
+    if problem:
+        pytest.fail(problem, pytrace=False)
+    return cluster
 
 
 @pytest.fixture(params=DATABASES)

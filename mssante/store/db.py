@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy import event
-from sqlalchemy.engine import Connection, ExceptionContext, make_url
+from sqlalchemy.engine import Connection, Dialect, ExceptionContext, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlalchemy.ext.asyncio import AsyncSession as AsyncSession
 
@@ -100,6 +100,19 @@ def _server_engine(url: str, *, writer: bool) -> AsyncEngine:
         pool_timeout=30,
         connect_args=connect_args,
     )
+
+    @event.listens_for(engine.sync_engine, "do_connect")
+    def _connect(dialect: Dialect, _record: Any, cargs: Any, cparams: Any) -> Any:
+        # A server that is down or restarting refuses or resets the connection
+        # and the driver raises a bare OSError (ConnectionRefusedError,
+        # ConnectionResetError, TimeoutError).  Make it a database error like
+        # any other, answered 451 4.3.0: aiosmtpd takes a ConnectionResetError
+        # for its own client's and would hang up without a reply.
+        try:
+            return dialect.connect(*cargs, **cparams)
+        except OSError as exc:
+            raise dialect.loaded_dbapi.OperationalError(f"cannot connect: {exc}") from exc
+
     if is_postgresql(url):
 
         @event.listens_for(engine.sync_engine, "handle_error")
@@ -114,15 +127,15 @@ def _server_engine(url: str, *, writer: bool) -> AsyncEngine:
                     error.detail = None  # type: ignore[attr-defined]
                 error = error.__cause__
 
-    if writer and is_postgresql(url):
+        if writer:
 
-        @event.listens_for(engine.sync_engine, "begin")
-        def _on_begin(conn: Connection) -> None:
-            # The first statement of every writer transaction, so the audit
-            # chain stays linear across processes (see the module docstring).
-            # Isolation must stay READ COMMITTED: each later statement then
-            # sees what the previous lock holder committed.
-            conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({WRITER_LOCK})")
+            @event.listens_for(engine.sync_engine, "begin")
+            def _on_begin(conn: Connection) -> None:
+                # The first statement of every writer transaction, so the audit
+                # chain stays linear across processes (see the module docstring).
+                # Isolation must stay READ COMMITTED: each later statement then
+                # sees what the previous lock holder committed.
+                conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({WRITER_LOCK})")
 
     return engine
 
