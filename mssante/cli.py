@@ -28,6 +28,7 @@ from mssante.settings import Settings, SettingsError, example_toml, load_setting
 from mssante.store import audit
 from mssante.store import directory as dirops
 from mssante.store.keys import KeyDestroyedError
+from mssante.store.migrations import SchemaError
 from mssante.store.models import (
     Conversation,
     Delivery,
@@ -71,7 +72,21 @@ def _valid_ins(value: str) -> str:
     return ins.value
 
 
-@click.group()
+class _Cli(click.Group):
+    """Errors every command may meet, as one clear line instead of a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except SchemaError as exc:
+            raise click.ClickException(str(exc)) from exc
+        except KeyError as exc:
+            if "master key" in str(exc):
+                raise click.ClickException(str(exc).strip("'\"")) from exc
+            raise
+
+
+@click.group(cls=_Cli)
 @click.option(
     "--config",
     "config_path",

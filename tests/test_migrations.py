@@ -157,3 +157,4 @@ async def test_db_commands_and_serve_refusal(
     refused = await asyncio.to_thread(run, "serve")
     assert refused.returncode != 0
     assert f"this version of mssante needs {head}: run `mssante db upgrade`" in refused.stderr
+    assert "Traceback" not in refused.stderr

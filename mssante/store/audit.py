@@ -3,8 +3,11 @@
 Each event's ``hash`` is SHA-256 over its canonical JSON form, which
 includes the previous event's hash, so an edited, inserted or deleted event
 breaks the chain from that point on (``verify_chain``).  Appends happen
-inside the caller's transaction (STYLE.md 7) and are serialised by the
-store's single writer, so two events never claim the same predecessor.
+inside the caller's transaction (STYLE.md 7) and are serialised: within a
+process by the store's single writer, across processes by SQLite's write
+lock (``BEGIN IMMEDIATE``) or PostgreSQL's advisory lock taken at the start
+of every writer transaction (db.py), so two events never claim the same
+predecessor.
 """
 
 from __future__ import annotations
