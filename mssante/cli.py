@@ -72,6 +72,16 @@ def _valid_ins(value: str) -> str:
     return ins.value
 
 
+ins_argument = click.argument("ins", callback=lambda _c, _p, v: _valid_ins(v))
+
+
+async def _patient(session: Any, ins: str) -> Patient:
+    patient = await dirops.get_patient(session, ins)
+    if patient is None:
+        raise click.ClickException("patient not found")
+    return patient
+
+
 class _Cli(click.Group):
     """Errors every command may meet, as one clear line instead of a traceback."""
 
@@ -677,16 +687,14 @@ def send_test(
 
 
 @main.command()
-@click.argument("ins", callback=lambda _c, _p, v: _valid_ins(v))
+@ins_argument
 @click.pass_context
 def mailbox(ctx: click.Context, ins: str) -> None:
     """List the conversations and messages delivered to a patient."""
 
     async def show(store: Store) -> None:
         async with store.reads() as session:
-            patient = await dirops.get_patient(session, ins)
-            if patient is None:
-                raise click.ClickException("patient not found")
+            patient = await _patient(session, ins)
             rows = (
                 await session.execute(
                     select(Conversation, Delivery, Message)
@@ -730,16 +738,14 @@ def patients() -> None:
 
 
 @patients.command("show")
-@click.argument("ins", callback=lambda _c, _p, v: _valid_ins(v))
+@ins_argument
 @click.pass_context
 def patients_show(ctx: click.Context, ins: str) -> None:
     """Show one patient's profile and links."""
 
     async def show(store: Store) -> None:
         async with store.reads() as session:
-            patient = await dirops.get_patient(session, ins)
-            if patient is None:
-                raise click.ClickException("patient not found")
+            patient = await _patient(session, ins)
             links = (
                 await session.execute(
                     select(PatientLink.role, Patient.ins)
@@ -787,7 +793,7 @@ def patients_show(ctx: click.Context, ins: str) -> None:
 
 
 @patients.command("set-status")
-@click.argument("ins", callback=lambda _c, _p, v: _valid_ins(v))
+@ins_argument
 @click.argument("status", type=click.Choice([s.value for s in ProfileStatus]))
 @click.pass_context
 def patients_set_status(ctx: click.Context, ins: str, status: str) -> None:
@@ -810,7 +816,7 @@ def patients_set_status(ctx: click.Context, ins: str, status: str) -> None:
 
 
 @patients.command("erase")
-@click.argument("ins", callback=lambda _c, _p, v: _valid_ins(v))
+@ins_argument
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @click.pass_context
 def patients_erase(ctx: click.Context, ins: str, yes: bool) -> None:
