@@ -260,7 +260,8 @@ async def test_starttls_command_injection_cve_2011_0411(world: TrustWorld) -> No
 def test_sample_whitelist_of_the_domain_docs_reads() -> None:
     from mssante.routing.trust import parse_dn, read_whitelist
 
-    sample = Path(__file__).parent.parent.parent / "shared" / "samples" / "listeblanche-sample.xml"
+    # A copy of shared/samples/listeblanche-sample.xml (the published format).
+    sample = Path(__file__).parent / "data" / "listeblanche-sample.xml"
     listed = read_whitelist(sample)
     assert listed["chu-exemple.mssante.fr"] == parse_dn(CHU)
     # DN order and attribute case do not matter.
