@@ -107,6 +107,19 @@ class TrustConfig:
         ca, cert, key = (None, smtp.tls_cert, smtp.tls_key)
         if not (smtp.tls_cert and smtp.tls_key) or not (trust.anchors and trust.whitelist):
             ca, dev_cert, dev_key = ensure_dev_certificate(dev_dir, smtp.hostname)
+            log.warning(
+                "development TLS material in use (%s): set smtp.tls_cert/tls_key,"
+                " trust.anchors and trust.whitelist in production",
+                ", ".join(
+                    name
+                    for name, value in (
+                        ("certificate", smtp.tls_cert),
+                        ("anchors", trust.anchors),
+                        ("whitelist", trust.whitelist),
+                    )
+                    if value is None
+                ),
+            )
             cert, key = (smtp.tls_cert, smtp.tls_key) if smtp.tls_cert else (dev_cert, dev_key)
         assert cert is not None and key is not None
         self.cert, self.key = cert, key
