@@ -1,10 +1,11 @@
 """Kill -9 durability harness: the server must never lose a message it acknowledged.
 
 The real server runs as a subprocess (``python -m mssante serve --demo``) on
-a temporary data directory.  Several client tasks send distinct messages
-over new connections (STARTTLS, as the development trust-space operator),
-byte-exact (CRLF, dot-stuffing), and record for each message its exact bytes
-and what the server answered:
+a temporary data directory, with its database there (SQLite, the default)
+or at ``database_url`` (a PostgreSQL database the caller provides).  Several
+client tasks send distinct messages over new connections (STARTTLS, as the
+development trust-space operator), byte-exact (CRLF, dot-stuffing), and
+record for each message its exact bytes and what the server answered:
 
 - ``acked``: the ``250`` came back, with the ref it quotes;
 - ``unknown``: the connection broke before the final reply (stored or not,
@@ -264,11 +265,15 @@ CONNECTION_ERRORS = (ConnectionError, OSError, asyncio.IncompleteReadError)
 
 
 class ServerProcess:
-    """``mssante serve --demo`` on ``data_dir``, port 0, its log in ``log_path``."""
+    """``mssante serve --demo`` on ``data_dir``, port 0, its log in ``log_path``.
 
-    def __init__(self, data_dir: Path, log_path: Path) -> None:
+    ``database_url``: the store's database (default: SQLite in ``data_dir``).
+    """
+
+    def __init__(self, data_dir: Path, log_path: Path, database_url: str | None = None) -> None:
         self.data_dir = data_dir
         self.log_path = log_path
+        self.database_url = database_url
         self.proc: asyncio.subprocess.Process | None = None
         self.port = 0
         self._log: IO[bytes] | None = None
@@ -286,8 +291,15 @@ class ServerProcess:
             MSSANTE_SMTP__HOST="127.0.0.1",
             MSSANTE_SMTP__PORT="0",
             MSSANTE_SUBMISSION__PORT="0",
+            # Every client is the same operator: the per-identity rate limit
+            # (451 4.7.0) must not refuse the load, which checks storage.
+            MSSANTE_LIMITS__MESSAGES_PER_MINUTE="1000000",
             PYTHONUNBUFFERED="1",
         )
+        if self.database_url:
+            env["MSSANTE_STORE__DATABASE_URL"] = self.database_url
+        else:
+            env.pop("MSSANTE_STORE__DATABASE_URL", None)
         return env
 
     async def start(self) -> int:
@@ -565,8 +577,13 @@ def _first_difference(a: bytes, b: bytes) -> int:
     return min(len(a), len(b))
 
 
-async def verify_store(data_dir: Path, messages: list[SentMessage]) -> StoreCheck:
-    """Open the store in-process (server stopped) and check it against what was sent."""
+async def verify_store(
+    data_dir: Path, messages: list[SentMessage], database_url: str | None = None
+) -> StoreCheck:
+    """Open the store in-process (server stopped) and check it against what was sent.
+
+    ``database_url`` must be the one the server used (default: SQLite in ``data_dir``).
+    """
     check = StoreCheck()
     problems = check.problems
     leftovers = spool_files(data_dir)  # before Store.open(), which cleans the spool
@@ -576,7 +593,7 @@ async def verify_store(data_dir: Path, messages: list[SentMessage]) -> StoreChec
     if len(by_id) != len(messages):
         raise HarnessError("the harness sent two messages with the same Message-ID")
 
-    store = Store(Settings(store=StoreSettings(data_dir=data_dir)))
+    store = Store(Settings(store=StoreSettings(data_dir=data_dir, database_url=database_url)))
     await store.open()
     try:
         async with store.reads() as session:
@@ -754,12 +771,17 @@ async def run_harness(
     max_size: int = 300 * 1024,
     kill_after: tuple[float, float] = (0.05, 1.2),
     calm_per_client: int = 1,
+    database_url: str | None = None,
 ) -> RunReport:
-    """Load, SIGKILL and restart ``kills`` times, then a calm cycle, then check the store."""
+    """Load, SIGKILL and restart ``kills`` times, then a calm cycle, then check the store.
+
+    The data directory is ``tmp / "data"``; the database is ``database_url``
+    (default: SQLite in the data directory).
+    """
     started = time.monotonic()
     rng = Random(seed)
     data_dir = tmp / "data"
-    server = ServerProcess(data_dir, tmp / "server.log")
+    server = ServerProcess(data_dir, tmp / "server.log", database_url)
     messages: list[SentMessage] = []
     cycles: list[CycleReport] = []
     serial = iter(range(1, 1 << 30))
@@ -816,7 +838,7 @@ async def run_harness(
                 )
     finally:
         await server.ensure_dead()
-    check = await verify_store(data_dir, messages)
+    check = await verify_store(data_dir, messages, database_url)
     for c in cycles:
         if c.kill_delay_ms is None and (c.unknown or c.refused or not c.acked):
             check.problems.append(
@@ -880,12 +902,14 @@ async def _send_whole(port: int, tls: ssl.SSLContext, msg: SentMessage) -> None:
         await conn.close()
 
 
-async def run_large_kill(tmp: Path, *, seed: int, size: int = 20_000_000) -> LargeReport:
+async def run_large_kill(
+    tmp: Path, *, seed: int, size: int = 20_000_000, database_url: str | None = None
+) -> LargeReport:
     """SIGKILL while a ``size``-octet message is in DATA, restart, resend, check."""
     started = time.monotonic()
     rng = Random(seed)
     data_dir = tmp / "data"
-    server = ServerProcess(data_dir, tmp / "server.log")
+    server = ServerProcess(data_dir, tmp / "server.log", database_url)
     big = make_message(
         rng, message_id=f"<large.{seed}.1@chu-exemple.test>", size=size, cycle=0, style="mime"
     )
@@ -922,5 +946,5 @@ async def run_large_kill(tmp: Path, *, seed: int, size: int = 20_000_000) -> Lar
         await server.stop()
     finally:
         await server.ensure_dead()
-    check = await verify_store(data_dir, messages)
+    check = await verify_store(data_dir, messages, database_url)
     return LargeReport(spooled, after_restart, again.ref, check, time.monotonic() - started)

@@ -5,6 +5,12 @@ subprocess, loads it with concurrent clients, SIGKILLs it at random moments,
 restarts it on the same data directory, and finally checks the store
 in-process.  Seeds are fixed so a failure can be replayed (the kill moments
 still depend on timing); each run is bounded (a few seconds).
+
+Every test runs on both databases (the ``db_url`` fixture of tests/conftest.py:
+SQLite in the test's data directory, which is also the harness's, or a fresh
+PostgreSQL database).  To bound CI time the load test runs all seeds on SQLite
+and the first two on PostgreSQL, with the same number of kills and the same
+checks.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import pytest
 
 from mssante.app import Gateway
 from mssante.cli import seed_demo
-from tests.conftest import make_settings
+from tests.conftest import DATABASES, make_settings
 from tests.durability_harness import (
     SENDER,
     SentMessage,
@@ -33,12 +39,24 @@ from tests.durability_harness import (
 pytestmark = pytest.mark.slow
 
 SEEDS = [1009, 2027, 3041, 4051]
+SEEDS_BY_DATABASE = {"sqlite": SEEDS, "postgresql": SEEDS[:2]}
+assert set(SEEDS_BY_DATABASE) == set(DATABASES)
 KILLS = 3
 
 
-@pytest.mark.parametrize("seed", SEEDS)
-async def test_sigkill_never_loses_an_acknowledged_message(tmp_path: Path, seed: int) -> None:
-    report = await run_harness(tmp_path, seed=seed, kills=KILLS, clients=8)
+@pytest.mark.parametrize(
+    ("db_url", "seed"),
+    [
+        pytest.param(db, seed, id=f"{db}-{seed}")
+        for db in DATABASES
+        for seed in SEEDS_BY_DATABASE[db]
+    ],
+    indirect=["db_url"],
+)
+async def test_sigkill_never_loses_an_acknowledged_message(
+    tmp_path: Path, db_url: str, seed: int
+) -> None:
+    report = await run_harness(tmp_path, seed=seed, kills=KILLS, clients=8, database_url=db_url)
     summary = report.summary()
     print(summary)  # shown with -s or on failure: the numbers of the run
     assert report.check.problems == [], summary + "\n" + "\n".join(report.check.problems)
@@ -60,8 +78,10 @@ async def test_sigkill_never_loses_an_acknowledged_message(tmp_path: Path, seed:
     assert report.cycles[-1].exit_code == 0, summary
 
 
-async def test_sigkill_during_large_data_leaves_nothing_partial(tmp_path: Path) -> None:
-    report = await run_large_kill(tmp_path, seed=5, size=20_000_000)
+async def test_sigkill_during_large_data_leaves_nothing_partial(
+    tmp_path: Path, db_url: str
+) -> None:
+    report = await run_large_kill(tmp_path, seed=5, size=20_000_000, database_url=db_url)
     print(report)
     # The kill fell while a big part of the message was already in the spool.
     assert report.spool_bytes_at_kill >= 5_000_000, report
@@ -71,10 +91,10 @@ async def test_sigkill_during_large_data_leaves_nothing_partial(tmp_path: Path) 
     assert report.resent_ref is not None and report.check.stored == 1, report
 
 
-async def test_checker_catches_loss_corruption_and_strangers(tmp_path: Path) -> None:
+async def test_checker_catches_loss_corruption_and_strangers(tmp_path: Path, db_url: str) -> None:
     """The checks are not vacuous: they flag what they are meant to flag."""
     data_dir = tmp_path / "data"
-    gateway = Gateway(make_settings(data_dir))
+    gateway = Gateway(make_settings(data_dir, database_url=db_url))
     await gateway.start()
     try:
         await seed_demo(gateway.store)
@@ -97,20 +117,21 @@ async def test_checker_catches_loss_corruption_and_strangers(tmp_path: Path) -> 
     finally:
         await gateway.stop()
 
-    assert (await verify_store(data_dir, [msg])).problems == []
+    async def problems(*sent: SentMessage) -> list[str]:
+        return (await verify_store(data_dir, list(sent), db_url)).problems
+
+    assert await problems(msg) == []
 
     lost = SentMessage("<self-test.2@x>", b"x\r\n", msg.recipients, "lines", 0, "acked", "nope")
-    assert any(p.startswith("LOST") for p in (await verify_store(data_dir, [msg, lost])).problems)
+    assert any(p.startswith("LOST") for p in await problems(msg, lost))
 
     changed = replace(msg, data=msg.data[:-3] + b"!\r\n")
-    assert any(
-        "not byte-identical" in p for p in (await verify_store(data_dir, [changed])).problems
-    )
+    assert any("not byte-identical" in p for p in await problems(changed))
 
     partial = replace(msg, status="unknown", ref=None, end_sent=False)
-    assert any("never sent" in p for p in (await verify_store(data_dir, [partial])).problems)
+    assert any("never sent" in p for p in await problems(partial))
 
-    assert any("match no message sent" in p for p in (await verify_store(data_dir, [])).problems)
+    assert any("match no message sent" in p for p in await problems())
 
     (data_dir / "spool" / "left.tmp").write_bytes(b"half")
-    assert any("spool not empty" in p for p in (await verify_store(data_dir, [msg])).problems)
+    assert any("spool not empty" in p for p in await problems(msg))

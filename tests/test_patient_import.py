@@ -1,4 +1,8 @@
-"""Importing the patient directory from CSV and JSON Lines, against a real SQLite database."""
+"""Importing the patient directory from CSV and JSON Lines, against each real database.
+
+The tests that touch the database take the ``db_url`` fixture (tests/conftest.py):
+they run on SQLite in the test's data directory and on a fresh PostgreSQL database.
+"""
 
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from mssante.routing.ins import with_key
 from mssante.store import audit
-from mssante.store.db import create_schema, make_engine, make_sessionmaker
+from mssante.store.db import create_schema, is_sqlite, make_engine, make_sessionmaker
 from mssante.store.models import AuditEvent, LinkRole, Patient, PatientLink, ProfileStatus
 from mssante.store.patient_import import (
     FIELDS,
@@ -41,8 +45,8 @@ def corsican(n: int) -> str:
 
 
 @pytest.fixture
-async def engine(tmp_path: Path) -> AsyncIterator[AsyncEngine]:
-    engine = make_engine(f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite'}", writer=True)
+async def engine(db_url: str) -> AsyncIterator[AsyncEngine]:
+    engine = make_engine(db_url, writer=True)
     await create_schema(engine)
     yield engine
     await engine.dispose()
@@ -522,16 +526,32 @@ async def test_audit_chain_verifies(sessions: Sessions, clock: FakeClock, tmp_pa
 
 
 async def test_database_error_keeps_committed_batches(
-    engine: AsyncEngine, sessions: Sessions, clock: FakeClock, tmp_path: Path
+    db_url: str, engine: AsyncEngine, sessions: Sessions, clock: FakeClock, tmp_path: Path
 ) -> None:
     poisoned = ins(3)
     async with engine.begin() as conn:
-        await conn.execute(
-            text(
-                "CREATE TRIGGER refuse BEFORE INSERT ON patients "
-                f"WHEN NEW.ins = '{poisoned}' BEGIN SELECT RAISE(ABORT, 'refused'); END"
+        if is_sqlite(db_url):
+            await conn.execute(
+                text(
+                    "CREATE TRIGGER refuse BEFORE INSERT ON patients "
+                    f"WHEN NEW.ins = '{poisoned}' BEGIN SELECT RAISE(ABORT, 'refused'); END"
+                )
             )
-        )
+        else:
+            # One statement per execute: asyncpg prepares each one.
+            await conn.execute(
+                text(
+                    "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                    f"IF NEW.ins = '{poisoned}' THEN RAISE EXCEPTION 'refused'; END IF; "
+                    "RETURN NEW; END $$"
+                )
+            )
+            await conn.execute(
+                text(
+                    "CREATE TRIGGER refuse BEFORE INSERT ON patients "
+                    "FOR EACH ROW EXECUTE FUNCTION refuse()"
+                )
+            )
     rows = [{"ins": ins(n), "status": "created"} for n in range(1, 6)]
     with pytest.raises(DBAPIError, match="refused"):
         await import_patients(
