@@ -880,7 +880,7 @@ async def _wait_for_spool(data_dir: Path, at_least: int, timeout: float) -> int:
     raise HarnessError(f"no spool file reached {at_least} octets in {timeout}s (max {biggest})")
 
 
-async def _send_whole(port: int, tls: ssl.SSLContext, msg: SentMessage) -> None:
+async def send_whole(port: int, tls: ssl.SSLContext, msg: SentMessage) -> None:
     conn = await SmtpConnection.open(port, tls)
     try:
         await conn.greet()
@@ -942,7 +942,7 @@ async def run_large_kill(
             await conn.close()
         port = await server.start()
         after_restart = len(spool_files(data_dir))
-        await _send_whole(port, client_tls(data_dir), again)
+        await send_whole(port, client_tls(data_dir), again)
         await server.stop()
     finally:
         await server.ensure_dead()

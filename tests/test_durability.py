@@ -25,15 +25,13 @@ from mssante.app import Gateway
 from mssante.cli import seed_demo
 from tests.conftest import DATABASES, make_settings
 from tests.durability_harness import (
-    SENDER,
     SentMessage,
-    SmtpConnection,
     client_tls,
     make_message,
     run_harness,
     run_large_kill,
+    send_whole,
     verify_store,
-    wire_data,
 )
 
 pytestmark = pytest.mark.slow
@@ -100,20 +98,8 @@ async def test_checker_catches_loss_corruption_and_strangers(tmp_path: Path, db_
         await seed_demo(gateway.store)
         rng = Random(99)
         msg = make_message(rng, message_id="<self-test.1@chu-exemple.test>", size=20_000, cycle=0)
-        conn = await SmtpConnection.open(gateway.smtp.port, client_tls(data_dir))
-        try:
-            await conn.greet()
-            await conn.expect(f"MAIL FROM:<{SENDER}>", 250)
-            for rcpt in msg.recipients:
-                await conn.expect(f"RCPT TO:<{rcpt}>", 250)
-            await conn.expect("DATA", 354)
-            msg.end_sent = True
-            await conn.send(wire_data(msg.data))
-            code, text = await conn.reply()
-            assert code == 250, text
-            msg.status, msg.ref = "acked", text.split("ref ")[1].split()[0]
-        finally:
-            await conn.close()
+        await send_whole(gateway.smtp.port, client_tls(data_dir), msg)
+        assert msg.status == "acked", msg.reply
     finally:
         await gateway.stop()
 
