@@ -533,11 +533,15 @@ async def seed_demo(store: Store) -> int:
     return await store.writer.run(job)
 
 
-def _demo_banner(settings: Settings, port: int) -> str:
+def _demo_banner(settings: Settings, port: int, submission_port: int | None) -> str:
     d = settings.smtp.patient_domain
     where = f"{settings.smtp.host}:{port}"
+    submission = f"{settings.submission.host}:{submission_port}" if submission_port else "off"
     return f"""
-mssante is running: SMTP on {where} (STARTTLS offered), data in {settings.store.data_dir}
+mssante is running, data in {settings.store.data_dir}
+  MX on {where}: STARTTLS and a trust-space operator certificate required
+  (development operator: {settings.store.data_dir}/tls/dev-operator.pem)
+  submission on {submission}: STARTTLS + AUTH (mssante accounts add)
 
 Demo patients:
   {demo.ACTIVATED}@{d}   activated
@@ -578,7 +582,8 @@ def serve(ctx: click.Context, with_demo: bool) -> None:
         await gateway.start()
         if with_demo:
             await seed_demo(gateway.store)
-            click.echo(_demo_banner(settings, gateway.smtp.port))
+            sub = gateway.submission[0].port if gateway.submission else None
+            click.echo(_demo_banner(settings, gateway.smtp.port, sub))
         await stop.wait()
         await gateway.stop()
 

@@ -64,7 +64,7 @@ STOP_TIMEOUT = 30.0
 REPLY_TIMEOUT = 60.0  # one SMTP reply while the server is alive
 CLIENTS_TIMEOUT = 120.0  # all clients of a cycle, after the kill
 
-_BANNER = re.compile(r"SMTP on 127\.0\.0\.1:(\d+)")
+_BANNER = re.compile(r"MX on 127\.0\.0\.1:(\d+)")
 _MESSAGE_ID = re.compile(rb"^Message-ID: (<[^>\r\n]+>)\r$", re.MULTILINE | re.IGNORECASE)
 _REF = re.compile(r"\bref ([0-9A-Za-z_-]+)")
 _STUFF = re.compile(rb"^\.", re.MULTILINE)

@@ -65,7 +65,7 @@ def server(tmp_path: Path) -> Iterator[tuple[Path, int]]:
             line = proc.stdout.readline()
             if not line:
                 break
-            m = re.search(r"SMTP on 127\.0\.0\.1:(\d+)", line)
+            m = re.search(r"MX on 127\.0\.0\.1:(\d+)", line)
             if m:
                 port = int(m.group(1))
         assert port, "server did not print its address"
