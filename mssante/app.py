@@ -217,29 +217,21 @@ class Gateway:
         # Submission: senders are checked against their account, not the whitelist.
         submission = SubmissionPolicy(accounts=self.accounts, check_senders=False, **common)
         sub = settings.submission
-        self.submission: list[SmtpListener] = []
-        if sub.enabled:
-            self.submission.append(
-                SmtpListener(
-                    submission,
-                    host=sub.host,
-                    port=sub.port,
-                    require_tls=True,
-                    auth=accept_for_parsing,
-                    **listener,
-                )
+        ports = [(sub.port, False)]
+        if sub.implicit_tls_port is not None:
+            ports.append((sub.implicit_tls_port, True))  # RFC 8314 implicit TLS
+        self.submission: list[SmtpListener] = [
+            SmtpListener(
+                submission,
+                host=sub.host,
+                port=port,
+                require_tls=True,
+                implicit_tls=implicit,
+                auth=accept_for_parsing,
+                **listener,
             )
-            if sub.implicit_tls_port is not None:
-                self.submission.append(
-                    SmtpListener(
-                        submission,
-                        host=sub.host,
-                        port=sub.implicit_tls_port,
-                        implicit_tls=True,
-                        auth=accept_for_parsing,
-                        **listener,
-                    )
-                )
+            for port, implicit in (ports if sub.enabled else [])
+        ]
         self._watch: asyncio.Task[None] | None = None
 
     async def start(self) -> None:

@@ -83,10 +83,6 @@ def read_whitelist(path: Path) -> dict[str, DnKey]:
     return out
 
 
-def read_whitelist_domains(path: Path) -> frozenset[str]:
-    return frozenset(read_whitelist(path))
-
-
 @dataclass(frozen=True)
 class TrustSpace:
     patient_domain: str

@@ -25,7 +25,6 @@ from aiosmtpd.smtp import SMTP, TLSSetupException, syntax
 
 from mssante.smtp import replies
 from mssante.smtp.data import DataProblem, DataReceiver
-from mssante.smtp.errors import SmtpError
 from mssante.smtp.replies import Reply
 
 log = logging.getLogger("mssante.smtp")
@@ -133,9 +132,6 @@ class GatewayProtocol(SMTP):
             self._raw_replies = False
 
     async def handle_exception(self, error: Exception) -> str:
-        if isinstance(error, SmtpError):
-            log.info("refused: %s", error.reason)
-            return str(error.reply)
         if isinstance(error, TLSSetupException):
             # The handshake failed (a refused client certificate among others:
             # the client got the TLS alert); aiosmtpd closes the connection.

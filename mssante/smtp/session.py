@@ -121,7 +121,7 @@ class Policy:
                 await self._record_refusal(
                     at=self._clock.now(),
                     sender=address,
-                    peer=session.peer[0] if session.peer else None,
+                    peer=peer_ip(session),
                     cause=refusal.cause,
                     patient_id=None,
                 )
@@ -159,7 +159,7 @@ class Policy:
             await self._record_refusal(
                 at=self._clock.now(),
                 sender=envelope.mail_from or "",
-                peer=session.peer[0] if session.peer else None,
+                peer=peer_ip(session),
                 cause=verdict.cause,
                 patient_id=verdict.patient_id,
             )
@@ -196,7 +196,7 @@ class Policy:
         at = self._clock.now()
         tls = _tls_version(session)
         helo = session.host_name
-        peer = session.peer[0] if session.peer else None
+        peer = peer_ip(session)
         env = Envelope(
             ref=ref,
             received_at=at,
@@ -223,6 +223,10 @@ class Policy:
             return replies.STORAGE_FULL.format(log_id=log_id)
         log.info("stored ref=%s recipients=%d size=%d", ref, len(env.recipients), spool.size)
         return replies.MESSAGE_STORED.format(ref=ref)
+
+
+def peer_ip(session: Any) -> str | None:
+    return session.peer[0] if session.peer else None
 
 
 def peer_certificate(session: Any) -> x509.Certificate | None:

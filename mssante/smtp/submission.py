@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from mssante.smtp import replies
 from mssante.smtp.limits import peer_identity
-from mssante.smtp.session import Policy, peer_certificate
+from mssante.smtp.session import Policy, peer_certificate, peer_ip
 from mssante.store.accounts import Accounts
 from mssante.store.models import Account
 
@@ -66,7 +66,7 @@ class SubmissionPolicy(Policy):
             await self._record_refusal(
                 at=self._clock.now(),
                 sender=address,
-                peer=session.peer[0] if session.peer else None,
+                peer=peer_ip(session),
                 cause="sender_not_owned",
                 patient_id=None,
             )
