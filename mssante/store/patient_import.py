@@ -57,15 +57,7 @@ FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 
 # Columns an import sets; a patient is "unchanged" when all of them (and its
 # links) already have the file's values.
-_DATA_COLUMNS = (
-    "status",
-    "activation_email",
-    "insurer_email",
-    "given_name",
-    "family_name",
-    "birth_date",
-    "postal_address",
-)
+_DATA_COLUMNS = tuple(f for f in FIELDS if f not in ("ins", "representatives", "helpers"))
 _STATUSES = ", ".join(s.value for s in ProfileStatus)
 _NAME_MAX = 200  # models.Patient.given_name / family_name
 _ADDRESS_MAX = 2000
