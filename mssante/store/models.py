@@ -279,8 +279,36 @@ class Notification(Base):
     next_attempt_at: Mapped[datetime | None]
     sent_at: Mapped[datetime | None]
     last_error: Mapped[str | None] = mapped_column(Text)
+    # Row claiming by the notification workers: a worker owns the row until
+    # ``claimed_until`` (a lease; a crashed worker's rows come back).
+    claimed_by: Mapped[str | None] = mapped_column(String(64))
+    claimed_until: Mapped[datetime | None]
+    # The notification e-mail that carried it (several rows share one when
+    # coalesced); bounces come back to an address derived from it.
+    email_message_id: Mapped[str | None] = mapped_column(String(255), index=True)
+    # The postal activity statement that listed it.
+    letter_id: Mapped[int | None] = mapped_column(
+        ForeignKey("postal_letters.id", ondelete="SET NULL"), index=True
+    )
 
     delivery: Mapped[Delivery] = relationship(lazy="raise")
+
+
+class PostalLetter(Base):
+    """One postal activity statement (relevé d'activité) for one person and period."""
+
+    __tablename__ = "postal_letters"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    recipient_id: Mapped[int] = mapped_column(
+        ForeignKey("patients.id", ondelete="CASCADE"), index=True
+    )
+    period_start: Mapped[date] = mapped_column(Date)
+    period_end: Mapped[date] = mapped_column(Date)
+    batch: Mapped[str] = mapped_column(String(64), index=True)
+    file_name: Mapped[str] = mapped_column(String(255))
+    events: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime]
 
 
 class AuditEvent(Base):
