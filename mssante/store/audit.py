@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import insert, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from mssante.store.models import AuditAnchor, AuditEvent
@@ -54,16 +54,7 @@ def event_hash(
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-async def append(
-    session: AsyncSession,
-    *,
-    at: datetime,
-    kind: str,
-    actor: str,
-    patient_id: int | None = None,
-    message_id: int | None = None,
-    details: dict[str, Any] | None = None,
-) -> AuditEvent:
+async def _head(session: AsyncSession) -> str:
     # The chain head is read once per transaction and then carried in the
     # session (the writer serialises transactions, so nobody else appends
     # meanwhile; a rolled-back session is thrown away with its cache).
@@ -75,30 +66,61 @@ async def append(
             anchor = await session.get(AuditAnchor, 1)
             prev = anchor.prev_hash if anchor is not None else None
         prev_hash = prev or GENESIS
-    details = details or {}
-    event = AuditEvent(
-        occurred_at=at,
-        kind=kind,
-        patient_id=patient_id,
-        message_id=message_id,
-        actor=actor,
-        details=details,
-        prev_hash=prev_hash,
-        hash=event_hash(
-            prev_hash=prev_hash,
-            occurred_at=at,
-            kind=kind,
-            patient_id=patient_id,
-            message_id=message_id,
-            actor=actor,
-            details=details,
-        ),
+    return prev_hash
+
+
+def _chained(prev_hash: str, event: dict[str, Any]) -> dict[str, Any]:
+    return event | {"prev_hash": prev_hash, "hash": event_hash(prev_hash=prev_hash, **event)}
+
+
+async def append(
+    session: AsyncSession,
+    *,
+    at: datetime,
+    kind: str,
+    actor: str,
+    patient_id: int | None = None,
+    message_id: int | None = None,
+    details: dict[str, Any] | None = None,
+) -> AuditEvent:
+    row = _chained(
+        await _head(session),
+        {
+            "occurred_at": at,
+            "kind": kind,
+            "patient_id": patient_id,
+            "message_id": message_id,
+            "actor": actor,
+            "details": details or {},
+        },
     )
+    event = AuditEvent(**row)
     session.add(event)
     session.info[_HEAD] = event.hash
     # Rows of one class are inserted in the order they were added, so ids
     # follow the chain without a flush here.
     return event
+
+
+async def append_many(session: AsyncSession, events: list[dict[str, Any]]) -> None:
+    """Append events given as column values (occurred_at, kind, patient_id,
+    message_id, actor, details), in order, with one INSERT.
+
+    Events the ORM holds for this session are flushed first so that ids
+    keep following the chain.
+    """
+    if not events:
+        return
+    await session.flush()
+    prev_hash = await _head(session)
+    rows = []
+    for event in events:
+        row = _chained(prev_hash, event)
+        rows.append(row)
+        prev_hash = row["hash"]
+    conn = await session.connection()
+    await conn.execute(insert(AuditEvent), rows)
+    session.info[_HEAD] = prev_hash
 
 
 def verify_chain(events: Iterable[AuditEvent], *, start: str = GENESIS) -> list[str]:

@@ -11,7 +11,7 @@ import json
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from mssante.store.crypto import KeyProvider, new_key, seal, unseal
@@ -74,6 +74,51 @@ class Keyring:
             raise KeyDestroyedError(f"patient {patient_id}: data key destroyed")
         master = self.provider.get(row.master_key_id)
         return unseal(master.key, row.wrapped, dek_context(patient_id))
+
+    async def data_keys_for_writing(
+        self, session: AsyncSession, patient_ids: list[int], *, at: datetime
+    ) -> dict[int, bytes]:
+        """Data keys of several patients at once, created where missing (see data_key)."""
+        conn = await session.connection()
+        rows = {
+            row.patient_id: row
+            for row in await conn.execute(
+                select(PatientKey.patient_id, PatientKey.master_key_id, PatientKey.wrapped).where(
+                    PatientKey.patient_id.in_(patient_ids)
+                )
+            )
+        }
+        keys: dict[int, bytes] = {}
+        master = self.provider.current()
+        created: list[dict[str, object]] = []
+        for patient_id in patient_ids:
+            row = rows.get(patient_id)
+            if row is not None and row.wrapped is not None and row.master_key_id is not None:
+                old = self.provider.get(row.master_key_id)
+                keys[patient_id] = unseal(old.key, row.wrapped, dek_context(patient_id))
+                continue
+            dek = keys[patient_id] = new_key()
+            wrapped = seal(master.key, dek, dek_context(patient_id))
+            if row is None:
+                created.append(
+                    {
+                        "patient_id": patient_id,
+                        "master_key_id": master.id,
+                        "wrapped": wrapped,
+                        "created_at": at,
+                        "rotated_at": None,
+                        "destroyed_at": None,
+                    }
+                )
+            else:  # erased before: new mail gets a new key
+                await conn.execute(
+                    update(PatientKey)
+                    .where(PatientKey.patient_id == patient_id)
+                    .values(master_key_id=master.id, wrapped=wrapped, created_at=at)
+                )
+        if created:
+            await conn.execute(insert(PatientKey), created)
+        return keys
 
     async def pending_rotation(self, session: AsyncSession) -> int:
         """How many data keys are not under the current master key yet."""

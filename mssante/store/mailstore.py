@@ -18,11 +18,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
+from sqlalchemy.ext.asyncio import AsyncSession
+
 from mssante.dkim import DkimVerifier
 from mssante.routing.trust import TrustSpace
 from mssante.store import audit
 from mssante.store.blobs import BlobStore, Spool
-from mssante.store.inbox import IncomingMessage, Recipient, StoredMessage, store_message
+from mssante.store.inbox import Arrival, IncomingMessage, Recipient, StoredMessage, store_messages
 from mssante.store.keys import Keyring
 from mssante.store.mime import MessageSummary, summarize_stream
 from mssante.store.writer import Writer
@@ -134,8 +136,7 @@ class MailStore:
             peer=env.peer,
             summary=summary,
         )
-        return await self._writer.run(
-            lambda session: store_message(
-                session, incoming, env.recipients, trust=self._trust(), keyring=self._keyring
-            )
-        )
+        return await self._writer.run_batched(self._store, Arrival(incoming, env.recipients))
+
+    async def _store(self, session: AsyncSession, arrivals: list[Arrival]) -> list[StoredMessage]:
+        return await store_messages(session, arrivals, trust=self._trust(), keyring=self._keyring)
