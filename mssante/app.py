@@ -86,6 +86,7 @@ class Store:
 
     async def close(self) -> None:
         await self.writer.stop()
+        self.directory.close()
         await self.read_engine.dispose()
         await self.write_engine.dispose()
 

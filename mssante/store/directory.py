@@ -6,10 +6,12 @@ SQLite WAL); changes are writer jobs and are audited.
 
 from __future__ import annotations
 
+import sqlite3
 from dataclasses import dataclass
 from datetime import date, datetime
 
 from sqlalchemy import bindparam, select
+from sqlalchemy.dialects.sqlite import dialect as sqlite_dialect
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from mssante.routing.recipient import DirectoryEntry
@@ -19,20 +21,50 @@ from mssante.store.models import LinkRole, Patient, PatientLink, ProfileStatus
 
 
 class Directory:
+    """RCPT-time look-ups: one indexed point read per recipient.
+
+    On PostgreSQL through the async engine's pool (asyncpg is native
+    asyncio).  On SQLite through one plain ``sqlite3`` connection used on
+    the event loop: the read takes some ten microseconds and never waits
+    for the writer (WAL), while going through aiosqlite costs several
+    thread hand-offs per query and, under load, new connections and their
+    threads: more than the look-up itself (BENCHMARKS.md).
+    """
+
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
+        self._sqlite_path = engine.url.database if engine.dialect.name == "sqlite" else None
+        self._sqlite: sqlite3.Connection | None = None
 
     async def lookup(self, ins: str) -> DirectoryEntry | None:
-        # A Core query on a pooled connection: every RCPT does one, and an
-        # ORM session costs more than the indexed look-up itself.
-        async with self._engine.connect() as conn:
-            row = (await conn.execute(_LOOKUP, {"ins": ins})).first()
+        if self._sqlite_path is not None:
+            row = self._sqlite_lookup(ins)
+        else:
+            async with self._engine.connect() as conn:
+                row = (await conn.execute(_LOOKUP, {"ins": ins})).first()
         if row is None:
             return None
-        return DirectoryEntry(patient_id=row[0], status=row[1])
+        return DirectoryEntry(patient_id=row[0], status=ProfileStatus(row[1]))
+
+    def _sqlite_lookup(self, ins: str) -> tuple[int, str] | None:
+        if self._sqlite is None:
+            assert self._sqlite_path is not None
+            conn = sqlite3.connect(self._sqlite_path, check_same_thread=False)
+            conn.execute("PRAGMA query_only = ON")
+            conn.execute("PRAGMA busy_timeout = 1000")
+            self._sqlite = conn
+        row: tuple[int, str] | None = self._sqlite.execute(_SQLITE_LOOKUP, (ins,)).fetchone()
+        return row
+
+    def close(self) -> None:
+        if self._sqlite is not None:
+            self._sqlite.close()
+            self._sqlite = None
 
 
 _LOOKUP = select(Patient.id, Patient.status).where(Patient.ins == bindparam("ins"))
+# The same statement, compiled once for the stdlib driver (qmark style).
+_SQLITE_LOOKUP = str(_LOOKUP.compile(dialect=sqlite_dialect()))
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +126,9 @@ async def upsert_patient(
         old_status = patient.status
         for key, value in fields.items():
             setattr(patient, key, value)
+        if {"activation_email", "insurer_email"} & set(changed):
+            # A new address has not bounced (notify/bounces.py), as in patient_import.
+            patient.email_invalid = False
         patient.updated_at = at
         if record.status is ProfileStatus.ACTIVATED and patient.activated_at is None:
             patient.activated_at = at
