@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from mssante.clock import Clock, SystemClock
 from mssante.dkim import DkimVerifier, Resolver
+from mssante.notify.service import Notifier
 from mssante.pseudonym import Pseudonymizer
 from mssante.routing.dns import DnsTxtResolver
 from mssante.routing.recipient import RecipientRouter
@@ -50,7 +51,7 @@ QUIET_LOGGERS = ("mail.log", "aiosqlite")
 class Store:
     """Database engines, the single writer and the blob store of one data directory."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, worker: int = 0) -> None:
         self.settings = settings
         self.data_dir = settings.store.data_dir
         url = settings.store.url()
@@ -62,7 +63,7 @@ class Store:
         # that run in their own process.
         self.writer_sessions: SessionMaker = make_sessionmaker(self.write_engine)
         self.writer = Writer(self.writer_sessions, max_batch=settings.store.max_batch)
-        self.blobs = BlobStore(self.data_dir)
+        self.blobs = BlobStore(self.data_dir, worker=worker)
         self.directory = Directory(self.read_engine)
         self.keyring = Keyring(
             load_key_provider(settings.store.keys_path(), create=settings.store.create_master_key)
@@ -167,13 +168,18 @@ class Gateway:
     """The running service: store and SMTP listener."""
 
     def __init__(
-        self, settings: Settings, *, clock: Clock | None = None, dns: Resolver | None = None
+        self,
+        settings: Settings,
+        *,
+        clock: Clock | None = None,
+        dns: Resolver | None = None,
+        worker: int = 0,
     ) -> None:
         self.settings = settings
         self.clock = clock or SystemClock()
         for name in QUIET_LOGGERS:
             logging.getLogger(name).setLevel(logging.WARNING)
-        self.store = Store(settings)
+        self.store = Store(settings, worker=worker)
         self.pseudonym = Pseudonymizer.from_key_file(settings.store.data_dir / "pseudonym.key")
         self.trust = TrustConfig(settings)
         mailstore = MailStore(
@@ -210,6 +216,7 @@ class Gateway:
             "max_header_size": smtp.max_header_size,
             "timeout": smtp.timeout,
             "tls_context": lambda: self.trust.tls,
+            "reuse_port": smtp.workers > 1,
         }
         policy = Policy(check_senders=settings.trust.require_client_certificate, **common)
         self.smtp = SmtpListener(
@@ -233,10 +240,24 @@ class Gateway:
             )
             for port, implicit in (ports if sub.enabled else [])
         ]
+        # notify: the e-mail worker and the bounce listener (notify/service.py).
+        self.notifier = Notifier(
+            settings,
+            self.store,
+            clock=self.clock,
+            pseudonym=self.pseudonym,
+            server_tls=(self.trust.cert, self.trust.key),
+        )
         self._watch: asyncio.Task[None] | None = None
 
-    async def start(self) -> None:
+    async def start(self, *, notify: bool = True) -> None:
         await self.store.open()
+        # What a crash of this gateway left half-received was never acknowledged.
+        removed = await asyncio.to_thread(self.store.blobs.clean_spool)
+        if removed:
+            log.warning("removed %d unfinished spool file(s) left by a crash", removed)
+        if notify:
+            await self.notifier.start(worker=self.settings.notify.worker_enabled)
         await self.smtp.start()
         for listener in self.submission:
             await listener.start()
@@ -256,4 +277,5 @@ class Gateway:
         for listener in self.submission:
             await listener.stop()
         await self.smtp.stop()
+        await self.notifier.stop()
         await self.store.close()

@@ -23,6 +23,7 @@ from sqlalchemy.exc import IntegrityError
 from mssante import demo
 from mssante.app import Gateway, Store
 from mssante.clock import SystemClock
+from mssante.notify.cli import notify
 from mssante.routing.ins import InsError, parse_ins
 from mssante.settings import Settings, SettingsError, example_toml, load_settings
 from mssante.store import audit
@@ -39,6 +40,7 @@ from mssante.store.models import (
     ProfileStatus,
 )
 from mssante.store.reading import conversation_names, message_key, view
+from mssante.workers import Supervisor, die_with_parent, install_signals, notify_ready
 
 T = TypeVar("T")
 console = Console(stderr=True)
@@ -107,6 +109,7 @@ class _Cli(click.Group):
 @click.pass_context
 def main(ctx: click.Context, config_path: Path | None) -> None:
     """mssante: the patient side of MSSanté secure health messaging."""
+    ctx.meta["config_path"] = config_path
     try:
         ctx.obj = load_settings(config_path)
     except SettingsError as exc:
@@ -565,27 +568,75 @@ Then look at the mailbox:
     default=False,
     help="Seed the demo patients and print how to send a first message.",
 )
+@click.option("--worker", is_flag=True, hidden=True, help="Run as a worker of serve (workers.py).")
+@click.option("--worker-index", type=int, default=0, hidden=True)
+@click.option("--ready-fd", type=int, default=None, hidden=True)
+@click.option("--parent", type=int, default=None, hidden=True)
 @click.pass_context
-def serve(ctx: click.Context, with_demo: bool) -> None:
+def serve(
+    ctx: click.Context,
+    with_demo: bool,
+    worker: bool,
+    worker_index: int,
+    ready_fd: int | None,
+    parent: int | None,
+) -> None:
     """Run the SMTP gateway until interrupted."""
     settings = _settings(ctx)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    workers = settings.smtp.workers
+    log_format = "%(asctime)s %(levelname)s %(name)s %(message)s"
+    if workers > 1:
+        log_format = "%(asctime)s %(levelname)s [%(process)d] %(name)s %(message)s"
+    logging.basicConfig(level=logging.INFO, format=log_format)
+    if worker and parent is not None:
+        die_with_parent(parent)
+    if workers > 1 and not worker:
+        _supervise(ctx, settings, with_demo)
+        return
 
     async def run() -> None:
         # Handlers first: a SIGTERM during start-up still stops cleanly.
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        gateway = Gateway(settings)
+        install_signals(loop, stop.set)
+        gateway = Gateway(settings, worker=worker_index)
         loop.add_signal_handler(signal.SIGHUP, gateway.trust.reload)
-        await gateway.start()
+        # With several workers, notifications run in the first one only.
+        await gateway.start(notify=worker_index == 0)
         if with_demo:
             await seed_demo(gateway.store)
             sub = gateway.submission[0].port if gateway.submission else None
             click.echo(_demo_banner(settings, gateway.smtp.port, sub))
+        notify_ready(ready_fd)
         await stop.wait()
         await gateway.stop()
+
+    asyncio.run(run())
+
+
+def _supervise(ctx: click.Context, settings: Settings, with_demo: bool) -> None:
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        install_signals(loop, stop.set)
+        # Schema, keys, development certificates and demo patients, once.
+        gateway = Gateway(settings)
+        await gateway.store.open()
+        try:
+            if with_demo:
+                await seed_demo(gateway.store)
+        finally:
+            await gateway.store.close()
+        supervisor = Supervisor(settings, config_path=ctx.meta.get("config_path"))
+        loop.add_signal_handler(signal.SIGHUP, supervisor.signal_all, signal.SIGHUP)
+        ports = await supervisor.start(settings.smtp.workers)
+        click.echo(f"{settings.smtp.workers} workers listening on {settings.smtp.host}")
+        if with_demo:
+            click.echo(_demo_banner(settings, ports.smtp, ports.submission))
+        watch = asyncio.create_task(supervisor.watch())
+        await stop.wait()
+        await supervisor.stop()
+        watch.cancel()
 
     asyncio.run(run())
 
@@ -897,3 +948,6 @@ def patients_import(ctx: click.Context, file: Path, fmt: str | None, skip_invali
     )
     if report.errors and not (skip_invalid and report.imported):
         sys.exit(1)
+
+
+main.add_command(notify)

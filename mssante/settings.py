@@ -10,9 +10,16 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+)
 
 ENV_PREFIX = "MSSANTE_"
 
@@ -36,6 +43,13 @@ class SmtpSettings(_Section):
         262_144, gt=1000, description="Largest header section in octets (552 5.3.4 beyond)."
     )
     timeout: float = Field(300.0, gt=0, description="Idle timeout of a session, in seconds.")
+    workers: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Gateway processes sharing the SMTP ports (SO_REUSEPORT, Linux); "
+        "1 runs everything in one process.",
+    )
     require_tls: bool = Field(
         True, description="Refuse MAIL before STARTTLS (530 5.7.0), as the trust space requires."
     )
@@ -118,7 +132,101 @@ class TrustSettings(_Section):
 
 
 class NotifySettings(_Section):
+    """Telling patients that a message waits (DOMAIN.md 3): e-mail worker and bounces."""
+
     webmail_url: str = Field("http://127.0.0.1:8080/", description="Link given in notifications.")
+    activation_url: str = Field(
+        "http://127.0.0.1:8080/activation",
+        description="Where a profile not yet activated (status created) is activated.",
+    )
+    worker_enabled: bool = Field(
+        True, description="Run the notification worker inside `mssante serve`."
+    )
+    transport: Literal["file", "smarthost"] = Field(
+        "file",
+        description="'file' writes .eml files into outbox_dir (development);"
+        " 'smarthost' sends through the smarthost below.",
+    )
+    outbox_dir: Path | None = Field(
+        None, description="Where the file transport writes; default data_dir/outbox-notifications."
+    )
+    smarthost_host: str = Field("127.0.0.1", description="Smarthost (relay) name or address.")
+    smarthost_port: int = Field(587, ge=1, le=65535, description="Smarthost port (submission).")
+    smarthost_starttls: bool = Field(
+        True, description="Require STARTTLS with the smarthost (its certificate is verified)."
+    )
+    smarthost_ca: Path | None = Field(
+        None, description="PEM CA bundle the smarthost certificate must chain to; default: system."
+    )
+    smarthost_username: str | None = Field(
+        None, description="AUTH user name at the smarthost; no AUTH if unset."
+    )
+    smarthost_password: SecretStr | None = Field(None, description="AUTH password.")
+    smarthost_timeout: float = Field(
+        30.0, gt=0, description="Seconds one smarthost command may take (temporary failure after)."
+    )
+    from_address: str = Field(
+        "ne-pas-repondre@notifications.patient.mssante.localhost",
+        description="From address of notification e-mails (replies are not read).",
+    )
+    from_name: str = Field("Messagerie de santé", description="Display name of from_address.")
+    bounce_domain: str = Field(
+        "bounces.patient.mssante.localhost",
+        description="Domain of the per-notification return paths (VERP bounce+<token>@domain);"
+        " its MX must point to the bounce listener.",
+    )
+    bounce_host: str = Field("127.0.0.1", description="Address the bounce listener binds to.")
+    bounce_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="Port of the bounce listener (25 behind the bounce domain's MX); off if unset.",
+    )
+    verp_secret: SecretStr | None = Field(
+        None,
+        description="HMAC key authenticating return paths; default: data_dir/verp.key, made on"
+        " first use. Set the same value on every host that sends or receives bounces.",
+    )
+    coalesce_window: float = Field(
+        900.0, ge=0, description="Seconds: at most one e-mail per person per window."
+    )
+    max_attempts: int = Field(
+        8, ge=1, description="Sending attempts before a notification is marked failed."
+    )
+    backoff_base: float = Field(
+        60.0, gt=0, description="Seconds before the first retry; doubled at each attempt."
+    )
+    backoff_max: float = Field(3600.0, gt=0, description="Longest wait between two attempts.")
+    claim_lease: float = Field(
+        300.0,
+        gt=0,
+        description="Seconds a worker owns the notifications it claimed; a crashed worker's"
+        " come back after it (longer than a send can take).",
+    )
+    show_sender_name: bool = Field(
+        False, description="Name the sender (display name only) in the e-mail."
+    )
+    dkim_selector: str = Field("notify", description="DKIM selector of notification e-mails.")
+    dkim_domain: str | None = Field(
+        None, description="DKIM signing domain (d=); default: the domain of from_address."
+    )
+    dkim_key_file: Path | None = Field(
+        None,
+        description="PEM private key (Ed25519 or RSA) for DKIM; default: a development key"
+        " made in data_dir/dkim.",
+    )
+    poll_interval: float = Field(
+        5.0, gt=0, description="Seconds the worker waits when nothing is due."
+    )
+    batch_size: int = Field(50, ge=1, description="Recipients a worker claims at once.")
+
+    @field_validator("bounce_domain")
+    @classmethod
+    def _lower_bounce_domain(cls, value: str) -> str:
+        return value.strip().lower().rstrip(".")
+
+    def outbox_path(self, data_dir: Path) -> Path:
+        return self.outbox_dir or data_dir / "outbox-notifications"
 
 
 class DkimSettings(_Section):

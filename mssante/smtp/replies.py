@@ -48,6 +48,8 @@ START_DATA = Reply(
 MESSAGE_STORED = Reply(
     250, "2.0.0", "Message enregistre, ref {ref} / Message stored durably as {ref}"
 )
+# RFC 3030 2: each non-final BDAT chunk gets a 250 once its octets are read.
+CHUNK_RECEIVED = Reply(250, "2.0.0", "Bloc recu, {octets} octets / {octets} octets received")
 
 # --- trust space (DOMAIN.md 6) -----------------------------------------------------
 TLS_REQUIRED = Reply(
@@ -166,6 +168,21 @@ PARAMETER_UNKNOWN = Reply(
 )
 DATA_SYNTAX = Reply(501, "5.5.4", "Syntaxe : DATA sans argument / Syntax: DATA takes no argument")
 BAD_SIZE_PARAMETER = Reply(501, "5.5.4", "Parametre SIZE invalide / Invalid SIZE parameter")
+# RFC 3030 2: without a valid octet count the chunk cannot be framed, so
+# the connection is closed after this reply (protocol.py, smtp_BDAT).
+BDAT_SYNTAX = Reply(
+    501,
+    "5.5.4",
+    "Syntaxe : BDAT <taille> [LAST], fermeture de la session"
+    " / Syntax: BDAT chunk-size [LAST]; closing connection",
+)
+# RFC 3030 2: DATA and BDAT are not mixed in one transaction.
+DATA_AFTER_BDAT = Reply(
+    503,
+    "5.5.1",
+    "DATA interdit apres BDAT, transaction annulee"
+    " / DATA not allowed after BDAT in the same transaction; transaction reset",
+)
 
 # --- size (RFC 1870) -------------------------------------------------------------
 SIZE_DECLARED_TOO_BIG = Reply(
@@ -223,6 +240,16 @@ DKIM_TEMPORARY = Reply(
     "4.4.3",
     "Verification DKIM impossible pour le moment / DKIM key lookup failed, try again later",
 )
+
+# --- bounces of notification e-mails (notify/bounces.py) -----------------------------
+# RFC 3463 X.1.1: no such mailbox; only our own authenticated return paths exist.
+BOUNCE_ADDRESS_UNKNOWN = Reply(
+    550,
+    "5.1.1",
+    "Adresse de retour inconnue : seuls les retours de nos notifications sont acceptes"
+    " / No such bounce address: only return paths of our notifications are accepted",
+)
+BOUNCE_RECEIVED = Reply(250, "2.0.0", "Rapport de remise recu / Delivery report received")
 
 # --- temporary failures ------------------------------------------------------------
 INTERNAL_ERROR = Reply(
