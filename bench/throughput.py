@@ -42,6 +42,7 @@ import os
 import platform
 import re
 import shlex
+import shutil
 import signal
 import socket
 import ssl
@@ -416,21 +417,33 @@ class Server:
         raise RuntimeError(f"{self.name} not ready after {START_TIMEOUT:.0f} s ({last})")
 
     def cpu_seconds(self) -> float:
-        """utime + stime of the process (all its threads), from /proc."""
-        stat = Path(f"/proc/{self.pid}/stat").read_text()
-        fields = stat.rpartition(")")[2].split()
-        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+        """utime + stime of the server and its worker processes (all threads), from /proc."""
+        return process_tree_cpu_seconds(self.pid)
+
+    def _pids(self) -> list[int]:
+        """The server and its direct children (``serve`` with several workers)."""
+        pids = [self.pid]
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                if int(stat.read_text().rpartition(")")[2].split()[1]) == self.pid:
+                    pids.append(int(stat.parent.name))
+        return pids
 
     def peak_rss_mb(self) -> float:
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-        return float("nan")
+        """Sum of the peak RSS (VmHWM) of the server's processes."""
+        total = 0
+        for pid in self._pids():
+            with contextlib.suppress(OSError):
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith("VmHWM:"):
+                        total += int(line.split()[1])
+        return total / 1024 if total else float("nan")
 
     def reset_peak_rss(self) -> bool:
         """Reset VmHWM to the current RSS (Linux >= 4.0); False if not allowed."""
         try:
-            Path(f"/proc/{self.pid}/clear_refs").write_text("5")
+            for pid in self._pids():
+                Path(f"/proc/{pid}/clear_refs").write_text("5")
         except OSError:
             return False
         return True
@@ -467,7 +480,9 @@ def prepare_tls(tmp: Path) -> Path:
     return tls_dir
 
 
-def make_server(target: str, tls: bool, tmp: Path, *, database_url: str | None = None) -> Server:
+def make_server(
+    target: str, tls: bool, tmp: Path, *, database_url: str | None = None, workers: int = 1
+) -> Server:
     port = free_port()
     env = dict(os.environ)
     env["BENCH_PORT"] = str(port)
@@ -485,6 +500,7 @@ def make_server(target: str, tls: bool, tmp: Path, *, database_url: str | None =
             "MSSANTE_SMTP__HOST": HOST,
             "MSSANTE_SMTP__PORT": str(port),
             "MSSANTE_SUBMISSION__PORT": "0",
+            "MSSANTE_SMTP__WORKERS": str(workers),
             **MSSANTE_BENCH,
         }
         if tls:
@@ -534,6 +550,7 @@ class CellResult:
     server_peak_rss_mb: float = float("nan")
     peak_rss_since_start: bool = False
     client_cpu_frac: float = float("nan")
+    load: str = "asyncio"  # what made the load: asyncio client or smtp-source
     note: str = ""
 
 
@@ -592,6 +609,148 @@ async def run_load(
     return load, time.perf_counter() - t0
 
 
+SMTP_SOURCE = shutil.which("smtp-source") or (
+    "/usr/sbin/smtp-source" if Path("/usr/sbin/smtp-source").exists() else None
+)
+_COUNTER = re.compile(rb"(\d+)\s*$")
+
+
+def smtp_source_file(tmp: Path, payload: Payload) -> Path:
+    """The message for ``smtp-source -F``: LF line ends, not dot-stuffed (it does both)."""
+    wire = payload.head + b"<smtp-source@chu-exemple.mssante.fr>" + payload.body
+    raw = wire.replace(b"\r\n..", b"\r\n.")
+    raw = raw[1:] if raw.startswith(b"..") else raw
+    path = tmp / f"smtp-source-{payload.size}.eml"
+    path.write_bytes(raw.replace(b"\r\n", b"\n") + b"\n")
+    return path
+
+
+async def run_smtp_source(
+    config: ClientConfig,
+    message: Path,
+    recipient: str,
+    sessions: int,
+    *,
+    seconds: float,
+    messages: int,
+) -> tuple[int, float, str]:
+    """Postfix's smtp-source (C, one new connection per message, no TLS) as the load.
+
+    Returns messages completed (its -c counter: DATA answered 250), the
+    wall time until the last one, and what it wrote on stderr.
+    """
+    assert SMTP_SOURCE is not None
+    argv = [
+        SMTP_SOURCE,
+        "-c",
+        "-s",
+        str(sessions),
+        "-m",
+        str(messages),
+        "-M",
+        EHLO_NAME,
+        "-f",
+        SENDER,
+        "-t",
+        recipient,
+        "-F",
+        str(message),
+        f"{config.host}:{config.port}",
+    ]
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    t0 = time.perf_counter()
+    deadline = t0 + seconds
+    count, t_last, tail = 0, t0, b""
+    stderr_task = asyncio.create_task(proc.stderr.read())
+    while True:
+        left = deadline - time.perf_counter()
+        if left <= 0:
+            break
+        try:
+            chunk = await asyncio.wait_for(proc.stdout.read(4096), left)
+        except TimeoutError:
+            break
+        if not chunk:
+            break
+        tail = (tail + chunk)[-64:]
+        m = _COUNTER.search(tail.replace(b"\r", b" "))
+        if m and int(m.group(1)) > count:
+            count, t_last = int(m.group(1)), time.perf_counter()
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.terminate()
+    await proc.wait()
+    stderr = (await stderr_task).decode(errors="replace").strip()
+    return count, t_last - t0, stderr
+
+
+async def run_probe(
+    config: ClientConfig, payloads: Sequence[Payload], stop: asyncio.Event, tag: str
+) -> _Load:
+    """One message at a time while another load runs: its time-to-250 under that load."""
+    load = _Load()
+    rotation = itertools.cycle(payloads)
+    while not stop.is_set():
+        n = load.started
+        load.started += 1
+        msgid = f"<{tag}.{n}.{os.getpid()}@chu-exemple.mssante.fr>".encode()
+        try:
+            load.timings.append(await transaction(config, next(rotation), msgid))
+        except SmtpFailure as exc:
+            load.errors[f"probe {exc.stage}: {exc.code} {exc.text}"] += 1
+            await asyncio.sleep(0.05)
+    return load
+
+
+async def run_paced(
+    config: ClientConfig,
+    payloads: Sequence[Payload],
+    rate: float,
+    *,
+    seconds: float,
+    tag: str,
+) -> tuple[_Load, float]:
+    """Open-loop load: a new connection every 1/rate s whatever the replies (at most 1,000
+    under way), so the time-to-250 measures the server at that rate."""
+    load = _Load()
+    rotation = itertools.cycle(payloads)
+    running: set[asyncio.Task[None]] = set()
+
+    async def one(n: int, payload: Payload) -> None:
+        msgid = f"<{tag}.{n}.{os.getpid()}@chu-exemple.mssante.fr>".encode()
+        try:
+            load.timings.append(await transaction(config, payload, msgid))
+        except SmtpFailure as exc:
+            kind = f"{exc.code} {exc.text}" if exc.code else exc.text
+            load.errors[f"{exc.stage}: {kind}"] += 1
+
+    t0 = time.perf_counter()
+    n = 0
+    while time.perf_counter() - t0 < seconds:
+        due = t0 + n / rate
+        delay = due - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        if len(running) < 1000:
+            task = asyncio.create_task(one(n, next(rotation)))
+            running.add(task)
+            task.add_done_callback(running.discard)
+            load.started += 1
+        else:
+            load.errors["client: 1,000 under way, arrival skipped"] += 1
+        n += 1
+    if running:
+        await asyncio.wait(running)
+    return load, time.perf_counter() - t0
+
+
+def use_smtp_source(args: argparse.Namespace, server: Server) -> bool:
+    return args.load != "asyncio" and SMTP_SOURCE is not None and not server.tls
+
+
 async def run_cell(
     server: Server,
     payloads: Sequence[Payload],
@@ -615,21 +774,43 @@ async def run_cell(
     cpu0 = server.cpu_seconds()
     db0 = db_cpu() if db_cpu else 0.0
     client0 = time.process_time()
-    load, elapsed = await run_load(
-        config, payloads, sessions, seconds=args.seconds, messages=args.messages, tag=tag
-    )
+    if use_smtp_source(args, server):
+        # The load is smtp-source; one asyncio session beside it measures
+        # time-to-250 under that load (its messages count in msgs/s too).
+        result.load = "smtp-source"
+        stop = asyncio.Event()
+        probe = asyncio.create_task(run_probe(config, payloads, stop, tag))
+        count, elapsed, stderr = await run_smtp_source(
+            config,
+            smtp_source_file(args.tmp, payloads[0]),
+            payloads[0].recipient,
+            sessions,
+            seconds=args.seconds,
+            messages=args.messages,
+        )
+        stop.set()
+        load = await probe
+        if stderr:
+            load.errors[f"smtp-source: {stderr.splitlines()[-1][:120]}"] += 1
+        sourced = count
+    else:
+        load, elapsed = await run_load(
+            config, payloads, sessions, seconds=args.seconds, messages=args.messages, tag=tag
+        )
+        sourced = 0
     client_cpu = time.process_time() - client0
-    if db_cpu is not None and load.timings:
-        result.db_cpu_s_per_msg = (db_cpu() - db0) / len(load.timings)
+    done = len(load.timings) + sourced
+    if db_cpu is not None and done:
+        result.db_cpu_s_per_msg = (db_cpu() - db0) / done
     if not server.alive():
         result.note = "server died during the cell"
     else:
         cpu = server.cpu_seconds() - cpu0
         result.server_peak_rss_mb = server.peak_rss_mb()
         result.peak_rss_since_start = not rss_reset
-        if load.timings:
-            result.server_cpu_s_per_msg = cpu / len(load.timings)
-    result.messages = len(load.timings)
+        if done:
+            result.server_cpu_s_per_msg = cpu / done
+    result.messages = done
     result.elapsed = elapsed
     result.errors = sum(load.errors.values())
     result.error_kinds = dict(load.errors)
@@ -708,6 +889,7 @@ def results_table(results: Sequence[CellResult]) -> Table:
         ("db CPU ms/msg", "right"),
         ("srv peak RSS MiB", "right"),
         ("client CPU", "right"),
+        ("load", "left"),
     ):
         if with_db or name != "db CPU ms/msg":
             table.add_column(name, justify=justify)  # type: ignore[arg-type]
@@ -728,6 +910,7 @@ def results_table(results: Sequence[CellResult]) -> Table:
             *db,
             _f(r.server_peak_rss_mb) + ("*" if r.peak_rss_since_start else ""),
             _f(r.client_cpu_frac * 100, 0) + "%",
+            r.load,
         )
     return table
 
@@ -972,6 +1155,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="mssante's database: SQLite in its data dir, or a throwaway PostgreSQL "
         "cluster started for the run (default: sqlite; the naive baseline stays SQLite)",
     )
+    parser.add_argument(
+        "--load",
+        choices=("auto", "asyncio"),
+        default="auto",
+        help="auto: Postfix's smtp-source for the TLS-off cells when installed (Debian "
+        "package postfix), the built-in asyncio client otherwise and for TLS; asyncio: "
+        "always the built-in client",
+    )
+    parser.add_argument(
+        "--workers", type=int, default=1, help="mssante worker processes (smtp.workers)"
+    )
+    parser.add_argument(
+        "--paced",
+        type=float,
+        default=0.5,
+        help="after each mssante cell, an open-loop run at this fraction of its rate "
+        "to measure time-to-250 there (0: off)",
+    )
     parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="write results")
     parser.add_argument(
         "--tmpdir",
@@ -1017,6 +1218,16 @@ def header(args: argparse.Namespace, info: dict[str, str], tmp: Path) -> None:
         f"sessions={args.sessions} warm-up={args.warmup:g} s "
         f"cell<= {args.seconds:g} s / {args.messages} msgs"
     )
+    source = SMTP_SOURCE if args.load == "auto" and SMTP_SOURCE else None
+    console.print(
+        f"[bold]load[/]     TLS off: {source or 'built-in asyncio client'}"
+        + (" (+ one asyncio session measuring time-to-250)" if source else "")
+        + "; TLS on: built-in asyncio client (smtp-source has no STARTTLS)"
+    )
+    console.print(
+        f"[bold]mssante[/]  workers={args.workers}"
+        + (f"; paced run at {args.paced:.0%} of each measured rate" if args.paced > 0 else "")
+    )
 
 
 async def run_all(
@@ -1041,13 +1252,60 @@ async def run_all(
                     db_cpu = database.cpu_seconds if target == "mssante" else None
                     r = await run_cell(server, payloads[size_kb], size_kb, sessions, args, db_cpu)
                     results.append(r)
-                    console.print(
-                        f"  {server.name:12} {size_kb:4} kB {sessions:3} sessions: "
-                        f"{r.messages:5} msgs {r.msgs_per_s:7.1f}/s  "
-                        f"t250 p50 {_f(r.t250_p50_ms, 2)} ms  errors {r.errors}"
-                        + (f"  [red]{r.note}" if r.note else "")
-                    )
+                    _progress(server.name, r)
+                    if target == "mssante" and args.paced > 0 and r.msgs_per_s > 0:
+                        paced = await run_paced_cell(
+                            server, payloads[size_kb], size_kb, sessions, r, args, db_cpu
+                        )
+                        results.append(paced)
+                        _progress(paced.target, paced)
     return results
+
+
+def _progress(name: str, r: CellResult) -> None:
+    console.print(
+        f"  {name:12} {r.size_kb:4} kB {r.sessions:3} sessions: "
+        f"{r.messages:5} msgs {r.msgs_per_s:7.1f}/s  "
+        f"t250 p50 {_f(r.t250_p50_ms, 2)} p99 {_f(r.t250_p99_ms, 2)} ms  errors {r.errors}"
+        f"  ({r.load})" + (f"  [red]{r.note}" if r.note else "")
+    )
+
+
+async def run_paced_cell(
+    server: Server,
+    payloads: Sequence[Payload],
+    size_kb: int,
+    sessions: int,
+    peak: CellResult,
+    args: argparse.Namespace,
+    db_cpu: Callable[[], float] | None,
+) -> CellResult:
+    """The time-to-250 at a fraction (--paced) of the rate just measured."""
+    rate = peak.msgs_per_s * args.paced
+    result = CellResult(f"mssante@{args.paced:.0%}", server.tls, size_kb, sessions)
+    result.load = f"paced {rate:.0f}/s"
+    cpu0 = server.cpu_seconds()
+    db0 = db_cpu() if db_cpu else 0.0
+    tag = f"paced-{server.name}-{size_kb}-{sessions}"
+    load, elapsed = await run_paced(server.client, payloads, rate, seconds=args.seconds, tag=tag)
+    done = len(load.timings)
+    if done and server.alive():
+        result.server_cpu_s_per_msg = (server.cpu_seconds() - cpu0) / done
+        result.server_peak_rss_mb = server.peak_rss_mb()
+        if db_cpu is not None:
+            result.db_cpu_s_per_msg = (db_cpu() - db0) / done
+    result.messages = done
+    result.elapsed = elapsed
+    result.errors = sum(load.errors.values())
+    result.error_kinds = dict(load.errors)
+    result.msgs_per_s = done / elapsed if elapsed > 0 else 0.0
+    t250 = [t.time_to_250 * 1000 for t in load.timings]
+    txn = [t.transaction * 1000 for t in load.timings]
+    result.t250_p50_ms = percentile(t250, 0.50)
+    result.t250_p99_ms = percentile(t250, 0.99)
+    result.txn_p50_ms = percentile(txn, 0.50)
+    result.txn_p99_ms = percentile(txn, 0.99)
+    return result
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1066,6 +1324,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     database_description = ""
     with tempfile.TemporaryDirectory(prefix="mssante-bench-", dir=args.tmpdir) as tmp_name:
         tmp = Path(tmp_name)
+        args.tmp = tmp
         header(args, info, tmp)
         sizes = ", ".join(f"{kb} kB -> {payloads[kb][0].size} octets" for kb in args.sizes)
         console.print(f"[bold]messages[/] {sizes}")
@@ -1083,7 +1342,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                     prepare_tls(tmp)
                 for tls in args.tls_modes:
                     for target in args.targets:
-                        server = make_server(target, tls, tmp, database_url=database.urls[tls])
+                        server = make_server(
+                            target,
+                            tls,
+                            tmp,
+                            database_url=database.urls[tls],
+                            workers=args.workers,
+                        )
                         servers[(target, tls)] = stack.enter_context(server)
                 results = asyncio.run(run_all(args, servers, payloads, database))
                 for server in servers.values():

@@ -30,7 +30,11 @@ class SmtpListener:
         require_tls: bool = False,
         implicit_tls: bool = False,
         auth: Callable[..., Any] | None = None,
+        reuse_port: bool = False,
     ) -> None:
+        # Several worker processes listen on the same port; the kernel
+        # spreads the connections among them (serve --workers, workers.py).
+        self._reuse_port = reuse_port
         self._require_tls = require_tls
         self._implicit = implicit_tls
         self._auth = auth
@@ -83,7 +87,9 @@ class SmtpListener:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         tls = self._implicit_context() if self._implicit else None
-        self._server = await loop.create_server(self._protocol, self._host, self._port, ssl=tls)
+        self._server = await loop.create_server(
+            self._protocol, self._host, self._port, ssl=tls, reuse_port=self._reuse_port or None
+        )
 
     @property
     def port(self) -> int:

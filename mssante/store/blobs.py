@@ -76,19 +76,28 @@ class Spool:
 
 
 class BlobStore:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, worker: int = 0) -> None:
         self.root = root
-        self.spool_dir = root / "spool"
+        # One spool per gateway process (serve with several workers): a
+        # process starting cleans its own, never a running neighbour's.
+        self.spool_dir = root / "spool" / f"worker-{worker}"
         self.blob_dir = root / "blobs"
 
     def prepare(self) -> None:
-        """Create the directories and remove spool files a crash left behind."""
+        """Create the directories."""
         self.spool_dir.mkdir(parents=True, exist_ok=True)
         self.blob_dir.mkdir(parents=True, exist_ok=True)
+
+    def clean_spool(self) -> int:
+        """Remove the spool files a crash left behind; only the gateway process
+        owning this spool may call it, before it listens (app.py)."""
+        removed = 0
         for leftover in self.spool_dir.iterdir():
             # Never acknowledged: a spool file is only renamed away after
             # the whole message was received.
             leftover.unlink(missing_ok=True)
+            removed += 1
+        return removed
 
     def new_spool(self) -> Spool:
         return Spool(self.spool_dir / f"{secrets.token_hex(16)}.tmp", secrets.token_bytes(32))
