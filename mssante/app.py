@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from mssante.clock import Clock, SystemClock
 from mssante.dkim import DkimVerifier, Resolver
 from mssante.notify.service import Notifier
+from mssante.outbound.queue import OutboundQueue
 from mssante.pseudonym import Pseudonymizer
 from mssante.routing.dns import DnsTxtResolver
 from mssante.routing.recipient import RecipientRouter
@@ -68,6 +69,7 @@ class Store:
         self.keyring = Keyring(
             load_key_provider(settings.store.keys_path(), create=settings.store.create_master_key)
         )
+        self.outbound = OutboundQueue(self.blobs, self.keyring.provider)
 
     async def open(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)

@@ -34,6 +34,10 @@ def message_meta_context(ref: str) -> bytes:
     return b"mssante/message-meta/" + ref.encode()
 
 
+def outbound_key_context(ref: str) -> bytes:
+    return b"mssante/outbound-key/" + ref.encode()
+
+
 def conversation_context(patient_id: int) -> bytes:
     return b"mssante/conversation/%d" % patient_id
 

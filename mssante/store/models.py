@@ -311,6 +311,80 @@ class PostalLetter(Base):
     created_at: Mapped[datetime]
 
 
+class OutboundKind(enum.StrEnum):
+    REPLY = "reply"  # a patient's message to a professional
+    MDN = "mdn"  # RFC 8098 read receipt
+    DSN = "dsn"  # RFC 3464 delivery status notification we send
+
+
+class OutboundStatus(enum.StrEnum):
+    PENDING = "pending"
+    SENT = "sent"
+    FAILED = "failed"  # permanent failure or expired: ends here
+    HELD = "held"  # set aside by an operator (queue hold / release)
+
+
+class OutboundMessage(Base):
+    """A message leaving through the outbound queue, once whatever its recipients.
+
+    The bytes are an encrypted blob (blobs.py) under a per-message key,
+    itself sealed under the master key (``wrapped_key``, context
+    ``keys.outbound_key_context``): outbound mail lives days, not years, so
+    it is not tied to a patient's data key (a DSN has no patient).
+    """
+
+    __tablename__ = "outbound_messages"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    ref: Mapped[str] = mapped_column(String(32), unique=True)
+    kind: Mapped[OutboundKind] = mapped_column(_enum(OutboundKind))
+    created_at: Mapped[datetime]
+    mail_from: Mapped[str] = mapped_column(String(320))  # "" for the null sender
+    message_id: Mapped[str | None] = mapped_column(String(998), index=True)
+    blob_key: Mapped[str] = mapped_column(String(64))
+    size: Mapped[int]
+    master_key_id: Mapped[str] = mapped_column(String(16))
+    wrapped_key: Mapped[bytes] = mapped_column(LargeBinary)
+    # What it is about (all optional): whose mailbox, which conversation,
+    # which received delivery it answers or reports on.
+    patient_id: Mapped[int | None] = mapped_column(
+        ForeignKey("patients.id", ondelete="SET NULL"), index=True
+    )
+    conversation_id: Mapped[int | None] = mapped_column(
+        ForeignKey("conversations.id", ondelete="SET NULL")
+    )
+    delivery_id: Mapped[int | None] = mapped_column(
+        ForeignKey("deliveries.id", ondelete="SET NULL"), index=True
+    )
+    # RFC 3461 ENVID given by whoever asked for it (our DSNs), if any.
+    envelope_id: Mapped[str | None] = mapped_column(String(100))
+
+
+class OutboundRecipient(Base):
+    """One recipient of an outbound message: its own attempts and fate."""
+
+    __tablename__ = "outbound_recipients"
+    __table_args__ = (Index("ix_outbound_recipients_status_next", "status", "next_attempt_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    outbound_id: Mapped[int] = mapped_column(
+        ForeignKey("outbound_messages.id", ondelete="CASCADE"), index=True
+    )
+    address: Mapped[str] = mapped_column(String(320))
+    domain: Mapped[str] = mapped_column(String(255), index=True)
+    status: Mapped[OutboundStatus] = mapped_column(
+        _enum(OutboundStatus), default=OutboundStatus.PENDING
+    )
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None]
+    expires_at: Mapped[datetime]
+    last_error: Mapped[str | None] = mapped_column(Text)
+    claimed_by: Mapped[str | None] = mapped_column(String(64))
+    claimed_until: Mapped[datetime | None]
+    sent_at: Mapped[datetime | None]
+    failed_at: Mapped[datetime | None]
+
+
 class AuditEvent(Base):
     """Append-only, hash-chained trail; never message content."""
 

@@ -1,0 +1,1 @@
+"""Mail leaving the patient domain: replies, read receipts, DSNs (issue #7)."""
