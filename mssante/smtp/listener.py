@@ -11,6 +11,7 @@ import ssl
 from collections.abc import Callable
 from typing import Any
 
+from mssante.smtp import speedups
 from mssante.smtp.protocol import GatewayProtocol
 from mssante.smtp.session import Policy
 
@@ -32,6 +33,7 @@ class SmtpListener:
         auth: Callable[..., Any] | None = None,
         reuse_port: bool = False,
     ) -> None:
+        speedups.install()
         # Several worker processes listen on the same port; the kernel
         # spreads the connections among them (serve --workers, workers.py).
         self._reuse_port = reuse_port
