@@ -90,7 +90,8 @@ class MailStore:
 
     async def _authenticate(self, spool: Spool, summary: MessageSummary, env: Envelope) -> bytes:
         """DKIM results as an Authentication-Results header; raises DkimPolicyError."""
-        with spool.open_plain() as plain:
+        # Opening reads and decrypts the first segment: not on the event loop.
+        with await asyncio.to_thread(spool.open_plain) as plain:
             results = await self._dkim.verify(plain)
         author = (summary.from_address or env.mail_from).rpartition("@")[2].lower()
         if not self._dkim.policy_allows(author, results):
