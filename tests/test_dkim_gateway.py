@@ -89,7 +89,7 @@ async def test_unsigned_mail_from_a_required_domain_is_refused(gw: Gateway) -> N
     r = await transact(gw, raw)
     assert (r.code, r.enhanced) == (550, "5.7.22"), r
     assert REQUIRED in r.text
-    assert list((gw.store.data_dir / "spool").iterdir()) == []
+    assert list((gw.store.data_dir / "spool").rglob("*.tmp")) == []
 
 
 async def test_altered_signed_message_is_refused(gw: Gateway, signer: DkimSigner) -> None:

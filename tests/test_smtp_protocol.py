@@ -74,7 +74,7 @@ async def test_oversize_data_refused_and_nothing_kept(gateway: Gateway) -> None:
     expect(await c.reply(), replies.MESSAGE_STORED)
     await c.close()
     assert [m.size for m in await stored(gateway)] == [len(b"Subject: small\r\n\r\nok\r\n")]
-    assert list((gateway.store.data_dir / "spool").iterdir()) == []
+    assert list((gateway.store.data_dir / "spool").rglob("*.tmp")) == []
 
 
 async def test_oversize_25mb_default_streams_without_holding_it(
