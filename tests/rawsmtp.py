@@ -30,6 +30,11 @@ class Reply:
         return f"{self.code} {self.text}"
 
 
+def bdat_chunk(data: bytes, *, last: bool = False) -> bytes:
+    """The bytes of one BDAT command and its chunk, for pipelined writes."""
+    return b"BDAT %d%s\r\n" % (len(data), b" LAST" if last else b"") + data
+
+
 class RawSmtp:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader = reader
@@ -62,6 +67,19 @@ class RawSmtp:
     async def cmd(self, line: str) -> Reply:
         await self.send(line.encode() + b"\r\n")
         return await self.reply()
+
+    async def bdat(self, data: bytes, *, last: bool = False) -> Reply:
+        """One RFC 3030 chunk: ``BDAT <len> [LAST]`` and its octets, then the reply."""
+        await self.send(bdat_chunk(data, last=last))
+        return await self.reply()
+
+    async def closed_by_server(self, timeout: float = 20) -> bool:
+        """True if the server closes the connection without sending anything more."""
+        try:
+            rest = await asyncio.wait_for(self.reader.read(), timeout)
+        except (ConnectionError, ssl.SSLError):
+            return True
+        return rest == b""
 
     async def starttls(self, context: ssl.SSLContext, server_hostname: str) -> None:
         r = await self.cmd("STARTTLS")

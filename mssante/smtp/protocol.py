@@ -1,11 +1,13 @@
 """The SMTP protocol: aiosmtpd's command loop with our DATA phase and errors.
 
-aiosmtpd parses commands, EHLO, STARTTLS and AUTH well.  Two things are
-replaced:
+aiosmtpd parses commands, EHLO, STARTTLS and AUTH well.  Replaced or added:
 
 - ``smtp_DATA``: the message is read in bulk by :class:`DataReceiver`,
   streamed to a spool file (never held in memory), and refused precisely
   when malformed (see data.py);
+- ``smtp_BDAT`` (RFC 3030 CHUNKING, without BINARYMIME): chunks counted in
+  octets go through the same receiver, without dot transparency, to the
+  same spool, and the LAST one is delivered exactly as DATA is;
 - ``handle_exception``: an unexpected error becomes ``451 4.3.0`` with a log
   id; the client never sees exception text.
 
@@ -16,9 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import secrets
 import ssl
 from asyncio import sslproto
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from aiosmtpd.smtp import SMTP, TLSSetupException, syntax
@@ -26,10 +31,15 @@ from aiosmtpd.smtp import SMTP, TLSSetupException, syntax
 from mssante.smtp import replies
 from mssante.smtp.data import DataProblem, DataReceiver
 from mssante.smtp.replies import Reply
+from mssante.store.blobs import Spool
 
 log = logging.getLogger("mssante.smtp")
 
 READ_CHUNK = 256 * 1024
+
+# RFC 3030 2: bdat-cmd = "BDAT" SP chunk-size [ SP end-marker ] CR LF,
+# chunk-size = 1*DIGIT, end-marker = "LAST" (keywords in any case).
+_BDAT_ARGUMENT = re.compile(r"([0-9]+)(?: +(LAST))?", re.ASCII | re.IGNORECASE)
 
 _PROBLEM_REPLIES = {
     DataProblem.BARE_LINE_ENDING: replies.BARE_LINE_ENDING,
@@ -67,6 +77,15 @@ def new_log_id() -> str:
     return secrets.token_hex(6)
 
 
+@dataclass
+class _Chunks:
+    """A message arriving in BDAT chunks: its spool and receiver, kept
+    between commands until LAST, RSET or the end of the connection."""
+
+    spool: Spool
+    receiver: DataReceiver
+
+
 class GatewayProtocol(SMTP):
     """One SMTP connection.  ``handler`` is a :class:`session.Policy`."""
 
@@ -76,6 +95,7 @@ class GatewayProtocol(SMTP):
         # SIZE is ours (session.py answers it from the reply table), so
         # aiosmtpd's own check is off.  SMTPUTF8 (RFC 6531) is offered; an
         # address that needs it without it is refused in session.py.
+        self._chunks: _Chunks | None = None
         super().__init__(handler, data_size_limit=None, enable_SMTPUTF8=True, **kwargs)
         self.max_message_size = max_message_size
         self.max_header_size = max_header_size
@@ -93,6 +113,31 @@ class GatewayProtocol(SMTP):
             # No STARTTLS is offered there (no tls_context).
             if self._tls_protocol is None:
                 self._tls_protocol = _IMPLICIT_TLS
+
+    def connection_lost(self, error: Exception | None) -> None:
+        self._drop_chunks()  # never acknowledged: nothing of it is kept
+        super().connection_lost(error)
+
+    def _set_post_data_state(self) -> None:
+        # End of a message, RSET, EHLO/HELO, STARTTLS: a new transaction, so
+        # chunks of an unfinished BDAT message are dropped (RFC 3030 2: RSET
+        # clears all the segments sent in the transaction).
+        self._drop_chunks()
+        super()._set_post_data_state()  # type: ignore[no-untyped-call]
+
+    def _drop_chunks(self) -> None:
+        chunks, self._chunks = self._chunks, None
+        if chunks is not None:
+            chunks.spool.discard()
+
+    async def _call_handler_hook(self, command: str, *args: Any) -> Any:
+        if command == "EHLO" and len(args) == 2:
+            # RFC 3030 2: BDAT is the protocol's own, so it is offered on every
+            # listener, before the policy adds its keywords.  Not BINARYMIME:
+            # the content stays 7bit/8bitmime text, checked as DATA's is.
+            responses: list[str] = args[1]
+            responses.insert(len(responses) - 1, "250-CHUNKING")
+        return await super()._call_handler_hook(command, *args)
 
     async def reply(self, reply: Reply) -> None:
         await self.push(str(reply))
@@ -190,6 +235,13 @@ class GatewayProtocol(SMTP):
             return
         assert self.envelope is not None
         assert self.session is not None
+        if self._chunks is not None:
+            # RFC 3030 2: DATA and BDAT are not mixed in one transaction; the
+            # state after that is indeterminate, so the transaction is over
+            # (its chunks dropped) and the client starts again from MAIL.
+            self._set_post_data_state()
+            await self.reply(replies.DATA_AFTER_BDAT)
+            return
         if not self.envelope.rcpt_tos:
             await self.reply(replies.NEED_RCPT)
             return
@@ -203,23 +255,24 @@ class GatewayProtocol(SMTP):
             receiver = DataReceiver(spool.write, self.max_message_size, self.max_header_size)
             await self._receive(receiver)
             if receiver.problem is not None:
-                if receiver.problem is DataProblem.TOO_BIG:
-                    reply = replies.SIZE_EXCEEDED.format(limit=self.max_message_size)
-                elif receiver.problem is DataProblem.HEADER_TOO_BIG:
-                    reply = replies.HEADER_TOO_BIG.format(limit=self.max_header_size)
-                else:
-                    reply = _PROBLEM_REPLIES[receiver.problem]
                 log.info("DATA refused: %s", receiver.problem.value)
                 spool.discard()
-                await self.reply(reply)
+                await self.reply(self._problem_reply(receiver.problem))
                 return
             reply = await policy.deliver(self.session, self.envelope, spool)
         except BaseException:
             spool.discard()
             raise
         finally:
-            self._set_post_data_state()  # type: ignore[no-untyped-call]
+            self._set_post_data_state()
         await self.reply(reply)
+
+    def _problem_reply(self, problem: DataProblem) -> Reply:
+        if problem is DataProblem.TOO_BIG:
+            return replies.SIZE_EXCEEDED.format(limit=self.max_message_size)
+        if problem is DataProblem.HEADER_TOO_BIG:
+            return replies.HEADER_TOO_BIG.format(limit=self.max_header_size)
+        return _PROBLEM_REPLIES[problem]
 
     async def _receive(self, receiver: DataReceiver) -> None:
         reader: Any = self._reader  # asyncio.StreamReader; _buffer used below
@@ -237,3 +290,136 @@ class GatewayProtocol(SMTP):
                     # back to the reader for the command loop.
                     reader._buffer[0:0] = rest
                 return
+
+    @syntax("BDAT chunk-size [LAST]")
+    async def smtp_BDAT(self, arg: str | None) -> None:
+        """RFC 3030 CHUNKING: ``BDAT <size> [LAST]`` then exactly <size> octets.
+
+        Whatever the answer, the chunk's octets are read first (they are
+        data, never commands: RFC 3030 2 "the receiver-SMTP MUST be prepared
+        to accept and discard additional BDAT chunks already in the
+        pipeline"), then the reply is sent:
+
+        - refused as a command (no EHLO, no AUTH on submission, no MAIL, no
+          accepted RCPT, or after a failed chunk): the chunk is dropped and
+          the reply is the one DATA would get (``503 5.5.1``...);
+        - content refused (bare CR or LF, NUL, a line over 998 octets, the
+          header section or the message too big, counted across chunks):
+          reported on the chunk where it is found, not deferred to LAST.
+          RFC 3030 2 lets the server fail any chunk ("If a 5XX or 4XX code is
+          received by the sender-SMTP in response to a BDAT chunk, the
+          transaction should be considered failed and the sender-SMTP MUST
+          NOT send any additional BDAT segments"), and answering at once
+          stops a client from sending megabytes that would be thrown away.
+          The transaction is then over: its chunks are dropped, and further
+          BDATs already pipelined get ``503 5.5.1`` (need MAIL) until a new
+          MAIL;
+        - a non-final chunk: ``250 2.0.0`` with its octet count;
+        - LAST: delivered as DATA is (``Policy.deliver``, ``250`` only once
+          committed).
+
+        A malformed argument gets ``501 5.5.4`` and the connection is
+        closed: without a size nobody knows where the chunk ends, and
+        reading on would take message octets for commands (the
+        desynchronisation that SMTP smuggling exploits).
+        """
+        match = _BDAT_ARGUMENT.fullmatch(arg or "")
+        if match is None:
+            log.info("malformed BDAT argument: closing the connection")
+            await self.reply(replies.BDAT_SYNTAX)
+            self._hang_up()
+            return
+        size = int(match[1])
+        last = match[2] is not None
+        refusal = self._bdat_refusal()
+        if refusal is not None:
+            await self._read_octets(size, None)
+            await self.reply(refusal)
+            return
+        chunks = self._chunks
+        if chunks is None:
+            spool = self.event_handler.new_spool()
+            receiver = DataReceiver(
+                spool.write,
+                self.max_message_size,
+                self.max_header_size,
+                dot_transparency=False,
+            )
+            chunks = self._chunks = _Chunks(spool, receiver)
+        try:
+            # The receiver stops keeping anything at the first problem (the
+            # size limit included, counted across chunks); the rest of the
+            # chunk is still read.
+            await self._read_octets(size, chunks.receiver.feed)
+            if last:
+                chunks.receiver.finish()
+        except BaseException:
+            self._set_post_data_state()  # drops the chunks
+            raise
+        problem = chunks.receiver.problem
+        if problem is not None:
+            log.info("BDAT refused: %s", problem.value)
+            self._set_post_data_state()
+            await self.reply(self._problem_reply(problem))
+            return
+        if not last:
+            await self.reply(replies.CHUNK_RECEIVED.format(octets=size))
+            return
+        assert self.session is not None
+        self._chunks = None  # the spool is the policy's now
+        try:
+            reply = await self.event_handler.deliver(self.session, self.envelope, chunks.spool)
+        except BaseException:
+            chunks.spool.discard()
+            raise
+        finally:
+            self._set_post_data_state()
+        await self.reply(reply)
+
+    def _bdat_refusal(self) -> Reply | None:
+        """Why BDAT cannot be taken now, as DATA would be refused."""
+        assert self.session is not None
+        assert self.envelope is not None
+        if not self.session.host_name:
+            return replies.HELO_FIRST
+        if self._auth_required and not self.session.authenticated:
+            return replies.AUTH_REQUIRED
+        if not self.envelope.mail_from:
+            return replies.NEED_MAIL
+        if not self.envelope.rcpt_tos:
+            return replies.NEED_RCPT
+        return None
+
+    async def _read_octets(self, count: int, feed: Callable[[bytes], object] | None) -> None:
+        """Read exactly ``count`` octets, handing them to ``feed`` (or dropping them).
+
+        Bytes after them stay in the reader for the command loop (RFC 2920
+        pipelining: the next BDAT may be in the same segment).  If ``feed``
+        fails (the spool's disk), the rest is still read so the session
+        stays in step, then the error is raised.
+        """
+        reader: Any = self._reader
+        failure: Exception | None = None
+        while count > 0:
+            data = await reader.read(min(count, READ_CHUNK))
+            if not data:
+                # The peer closed mid-chunk: nothing was acknowledged.
+                raise ConnectionResetError("connection closed during BDAT")
+            self._reset_timeout()
+            count -= len(data)
+            if feed is None:
+                continue
+            try:
+                feed(data)
+            except Exception as exc:
+                failure, feed = exc, None
+        if failure is not None:
+            raise failure
+
+    def _hang_up(self) -> None:
+        """Close without reading another command: what was pipelined after
+        an unframed chunk is dropped unread."""
+        buffer: bytearray = self._reader._buffer  # type: ignore[attr-defined]
+        buffer.clear()
+        if self.transport is not None:
+            self.transport.close()
