@@ -116,8 +116,9 @@ class BlobStore:
                 directory.mkdir(exist_ok=True)
                 created.append(directory)
         os.rename(spool.path, target)
+        # The new name is what must survive a crash; the old one, if a
+        # crash left it, is a spool leftover removed at the next start.
         _fsync_dir(target.parent)
-        _fsync_dir(self.spool_dir)
         # A directory created here must itself be recorded in its parent.
         for directory in created:
             _fsync_dir(directory.parent)
