@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,8 @@ from mssante.clock import Clock, SystemClock
 from mssante.dkim import DkimVerifier, Resolver
 from mssante.notify.service import Notifier
 from mssante.outbound.queue import OutboundQueue
+from mssante.outbound.replies import non_delivery_recorder
+from mssante.outbound.worker import OutboundWorker, build_worker
 from mssante.pseudonym import Pseudonymizer
 from mssante.routing.dns import DnsTxtResolver
 from mssante.routing.recipient import RecipientRouter
@@ -69,7 +72,11 @@ class Store:
         self.keyring = Keyring(
             load_key_provider(settings.store.keys_path(), create=settings.store.create_master_key)
         )
-        self.outbound = OutboundQueue(self.blobs, self.keyring.provider)
+        self.outbound = OutboundQueue(
+            self.blobs,
+            self.keyring.provider,
+            max_age=timedelta(seconds=settings.outbound.max_age),
+        )
 
     async def open(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -189,6 +196,7 @@ class Gateway:
             writer=self.store.writer,
             trust=lambda: self.trust.space,
             keyring=self.store.keyring,
+            outbound=self.store.outbound,
             dkim=DkimVerifier(
                 dns or DnsTxtResolver(settings.dkim.dns_timeout),
                 authserv_id=settings.dkim.authserv_id or settings.smtp.hostname,
@@ -220,7 +228,12 @@ class Gateway:
             "tls_context": lambda: self.trust.tls,
             "reuse_port": smtp.workers > 1,
         }
-        policy = Policy(check_senders=settings.trust.require_client_certificate, **common)
+        # smtp.refusal (bounce mode) is the MX's: submission clients learn at RCPT.
+        policy = Policy(
+            check_senders=settings.trust.require_client_certificate,
+            refusal=smtp.refusal,
+            **common,
+        )
         self.smtp = SmtpListener(
             policy, host=smtp.host, port=smtp.port, require_tls=smtp.require_tls, **listener
         )
@@ -250,6 +263,16 @@ class Gateway:
             pseudonym=self.pseudonym,
             server_tls=(self.trust.cert, self.trust.key),
         )
+        # outbound: delivery of the outbound queue to operators (outbound/worker.py);
+        # on_failure callbacks are appended to self.outbound.on_failure.
+        # A reply that cannot be delivered shows a notice in its conversation.
+        self.outbound: OutboundWorker = build_worker(
+            settings,
+            self.store,
+            self.trust,
+            clock=self.clock,
+            on_failure=[non_delivery_recorder(self.store)],
+        )
         self._watch: asyncio.Task[None] | None = None
 
     async def start(self, *, notify: bool = True) -> None:
@@ -260,6 +283,8 @@ class Gateway:
             log.warning("removed %d unfinished spool file(s) left by a crash", removed)
         if notify:
             await self.notifier.start(worker=self.settings.notify.worker_enabled)
+            if self.settings.outbound.worker_enabled:
+                self.outbound.start()
         await self.smtp.start()
         for listener in self.submission:
             await listener.start()
@@ -279,5 +304,6 @@ class Gateway:
         for listener in self.submission:
             await listener.stop()
         await self.smtp.stop()
+        await self.outbound.stop()
         await self.notifier.stop()
         await self.store.close()

@@ -24,6 +24,7 @@ from mssante import demo
 from mssante.app import Gateway, Store
 from mssante.clock import SystemClock
 from mssante.notify.cli import notify
+from mssante.outbound.cli import queue
 from mssante.routing.ins import InsError, parse_ins
 from mssante.settings import Settings, SettingsError, example_toml, load_settings
 from mssante.store import audit
@@ -951,3 +952,4 @@ def patients_import(ctx: click.Context, file: Path, fmt: str | None, skip_invali
 
 
 main.add_command(notify)
+main.add_command(queue)

@@ -7,6 +7,7 @@ default so the server starts with no file at all (the Quick start).
 
 from __future__ import annotations
 
+import json
 import os
 import tomllib
 from pathlib import Path
@@ -57,6 +58,13 @@ class SmtpSettings(_Section):
         None, description="PEM server certificate chain; generated in the data dir if unset."
     )
     tls_key: Path | None = Field(None, description="PEM private key of tls_cert.")
+    refusal: Literal["rcpt", "dsn"] = Field(
+        "rcpt",
+        description="How a patient recipient that cannot take the message (adresse invalide,"
+        " patient non trouvé, messagerie fermée) is refused: 'rcpt' answers 550 to RCPT;"
+        " 'dsn' accepts it and sends the sender a delivery status notification"
+        " 'Message non distribué' (RFC 3464), as Mon espace santé does.",
+    )
 
     @field_validator("patient_domain")
     @classmethod
@@ -229,6 +237,93 @@ class NotifySettings(_Section):
         return self.outbox_dir or data_dir / "outbox-notifications"
 
 
+class OutboundSettings(_Section):
+    """Mail leaving the patient domain (replies, read receipts, DSNs): the outbound queue."""
+
+    worker_enabled: bool = Field(
+        True, description="Run the outbound delivery worker inside `mssante serve`."
+    )
+    routes: dict[str, str] = Field(
+        default_factory=dict,
+        description="Static next hops, domain -> 'host:port' (tests, private networks);"
+        " when empty, DNS MX records are used (port 25). A domain missing from a"
+        " non-empty table is not delivered.",
+    )
+    client_cert: Path | None = Field(
+        None,
+        description="PEM client certificate chain presented to operators (mutual TLS);"
+        " default: the SMTP server certificate (smtp.tls_cert, or the development one).",
+    )
+    client_key: Path | None = Field(None, description="PEM private key of client_cert.")
+    verify_operator_dn: bool = Field(
+        True,
+        description="The peer's certificate subject must equal the DNCertificatOperateur"
+        " listed for the recipient domain in the whitelist.",
+    )
+    dkim_selector: str = Field("patient", description="DKIM selector of outbound mail.")
+    dkim_domain: str | None = Field(
+        None, description="DKIM signing domain (d=); default: smtp.patient_domain."
+    )
+    dkim_key_file: Path | None = Field(
+        None,
+        description="PEM private key (Ed25519 or RSA) for DKIM; default: a development key"
+        " made in data_dir/dkim.",
+    )
+    max_attempts: int = Field(
+        30, ge=1, description="Delivery attempts per recipient before it is marked failed."
+    )
+    max_age: float = Field(
+        432_000.0,
+        gt=0,
+        description="Seconds a message may stay queued before it fails (RFC 5321 4.5.4.1:"
+        " 4-5 days; default 5 days).",
+    )
+    backoff_base: float = Field(
+        300.0, gt=0, description="Seconds before the first retry; doubled at each attempt."
+    )
+    backoff_max: float = Field(14_400.0, gt=0, description="Longest wait between two attempts.")
+    claim_lease: float = Field(
+        900.0,
+        gt=0,
+        description="Seconds a worker owns the recipients it claimed; a crashed worker's"
+        " come back after it (longer than a delivery can take).",
+    )
+    timeout: float = Field(
+        60.0, gt=0, description="Seconds one SMTP step with an operator may take."
+    )
+    poll_interval: float = Field(
+        5.0, gt=0, description="Seconds the worker waits when nothing is due."
+    )
+    batch_size: int = Field(
+        50, ge=1, description="Recipients a worker claims at once (grouped per message and domain)."
+    )
+    concurrency: int = Field(
+        8, ge=1, description="Deliveries (connections to operators) a worker runs at once."
+    )
+
+    @field_validator("routes", mode="before")
+    @classmethod
+    def _routes_from_env(cls, value: Any) -> Any:
+        # MSSANTE_OUTBOUND__ROUTES='{"chu.mssante.fr": "10.0.0.5:25"}'
+        if isinstance(value, str):
+            try:
+                return json.loads(value)
+            except ValueError as exc:
+                raise ValueError(f"routes must be a JSON object: {exc}") from exc
+        return value
+
+    @field_validator("routes")
+    @classmethod
+    def _check_routes(cls, value: dict[str, str]) -> dict[str, str]:
+        out = {}
+        for domain, hop in value.items():
+            host, sep, port = hop.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"route for {domain!r} must be 'host:port', not {hop!r}")
+            out[domain.strip().lower().rstrip(".")] = hop
+        return out
+
+
 class DkimSettings(_Section):
     authserv_id: str | None = Field(
         None, description="Our name in Authentication-Results (RFC 8601); default smtp.hostname."
@@ -261,6 +356,21 @@ class LimitsSettings(_Section):
     )
 
 
+class ReplySettings(_Section):
+    """What a patient may send back (issue 7: replies, outbound/replies.py)."""
+
+    max_size: int = Field(
+        10_000_000,
+        ge=1,
+        le=18_000_000,
+        description="Largest patient reply in octets, text and attachments before encoding"
+        " (base64 adds a third: 18 MB keeps the message under DOMAIN.md's 25 MB).",
+    )
+    max_attachments: int = Field(
+        10, ge=0, le=100, description="Attachments a patient reply may carry."
+    )
+
+
 class RetentionSettings(_Section):
     trash_days: int = Field(
         30, ge=0, description="Days a message stays in a patient's trash before it is purged."
@@ -276,6 +386,8 @@ class Settings(_Section):
     store: StoreSettings = Field(default_factory=StoreSettings)
     trust: TrustSettings = Field(default_factory=TrustSettings)
     notify: NotifySettings = Field(default_factory=NotifySettings)
+    outbound: OutboundSettings = Field(default_factory=OutboundSettings)
+    replies: ReplySettings = Field(default_factory=ReplySettings)
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
     limits: LimitsSettings = Field(default_factory=LimitsSettings)
     dkim: DkimSettings = Field(default_factory=DkimSettings)
@@ -319,6 +431,9 @@ def _toml_value(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):  # an inline table
+        pairs = (f"{_toml_value(k)} = {_toml_value(v)}" for k, v in value.items())
+        return "{" + ", ".join(pairs) + "}"
     if isinstance(value, int):
         return f"{value:_}" if value >= 10_000 else str(value)
     if isinstance(value, float):

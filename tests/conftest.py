@@ -18,6 +18,8 @@ import pytest
 from mssante.app import Gateway
 from mssante.cli import seed_demo
 from mssante.settings import (
+    NotifySettings,
+    OutboundSettings,
     Settings,
     SmtpSettings,
     StoreSettings,
@@ -58,6 +60,10 @@ def make_settings(
         store=StoreSettings(data_dir=data_dir, database_url=database_url),
         trust=trust or TrustSettings(require_client_certificate=False),
         submission=SubmissionSettings(port=0, implicit_tls_port=0),
+        # The background workers would race with what a test checks; tests
+        # of notifications and of the outbound queue run the passes themselves.
+        notify=NotifySettings(worker_enabled=False),
+        outbound=OutboundSettings(worker_enabled=False),
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import select, text
@@ -11,7 +12,7 @@ from mssante import demo
 from mssante.app import Gateway
 from mssante.store import audit
 from mssante.store.check import check_store
-from mssante.store.models import AuditEvent, Message
+from mssante.store.models import AuditEvent, Message, OutboundKind
 from tests.test_cli import mssante
 from tests.test_encryption import _send
 from tests.test_gateway import addr
@@ -130,3 +131,25 @@ def test_cli_removes_orphan_blobs(tmp_path: Path) -> None:
     fixed = mssante(data_dir, "store", "check", "--remove-orphans")
     assert fixed.returncode == 0, fixed.stdout
     assert not stray.exists()
+
+
+async def test_queued_outbound_mail_is_not_an_orphan(gateway: Gateway) -> None:
+    """Regression: outbound blobs (outbound/queue.py) were reported as orphans,
+    and ``store check --remove-orphans`` would have deleted queued mail."""
+    queue = gateway.store.outbound
+    prepared = await queue.prepare(b"Subject: r\r\n\r\nreponse\r\n")
+
+    async def job(session: Any) -> int:
+        return await queue.add(
+            session,
+            prepared,
+            kind=OutboundKind.REPLY,
+            mail_from=f"{demo.ACTIVATED}@patient.mssante.fr",
+            recipients=["dr.durand@chu-exemple.mssante.fr"],
+            at=gateway.clock.now(),
+        )
+
+    await gateway.store.writer.run(job)
+    report = await _check(gateway)
+    assert report.orphans == [] and report.problems == []
+    assert report.blobs == 1

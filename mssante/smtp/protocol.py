@@ -22,7 +22,7 @@ import re
 import secrets
 import ssl
 from asyncio import sslproto
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +30,7 @@ from aiosmtpd.smtp import SMTP, TLSSetupException, syntax
 
 from mssante.smtp import replies
 from mssante.smtp.data import DataProblem, DataReceiver
+from mssante.smtp.dsn_parameters import DSN_PARAMETERS
 from mssante.smtp.replies import Reply
 from mssante.store.blobs import Spool
 
@@ -138,6 +139,28 @@ class GatewayProtocol(SMTP):
             responses: list[str] = args[1]
             responses.insert(len(responses) - 1, "250-CHUNKING")
         return await super()._call_handler_hook(command, *args)
+
+    # RFC 3461 DSN parameters, validated by the policy (session.py):
+    # aiosmtpd answers 555 to any MAIL or RCPT parameter it does not know,
+    # and hands on the others upper-cased, while ENVID and ORCPT must come
+    # back verbatim in a DSN: the arguments are kept as sent.
+    arguments_as_sent = ""
+
+    def _getparams(self, params: Sequence[str]) -> dict[str, str | bool] | None:
+        found = super()._getparams(params)
+        if found is None:
+            return None
+        return {name: value for name, value in found.items() if name not in DSN_PARAMETERS}
+
+    @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        self.arguments_as_sent = arg or ""
+        await super().smtp_MAIL(arg)
+
+    @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        self.arguments_as_sent = arg or ""
+        await super().smtp_RCPT(arg)
 
     async def reply(self, reply: Reply) -> None:
         await self.push(str(reply))

@@ -48,6 +48,14 @@ START_DATA = Reply(
 MESSAGE_STORED = Reply(
     250, "2.0.0", "Message enregistre, ref {ref} / Message stored durably as {ref}"
 )
+# Bounce mode (smtp.refusal = "dsn"), every recipient refused: nothing is
+# stored, and the 250 says we took responsibility for telling the sender.
+REPORT_QUEUED = Reply(
+    250,
+    "2.0.0",
+    "Message non distribue, avis de non-remise envoye a l'expediteur, ref {ref}"
+    " / Not delivered; a delivery status notification was queued for the sender as {ref}",
+)
 # RFC 3030 2: each non-final BDAT chunk gets a 250 once its octets are read.
 CHUNK_RECEIVED = Reply(250, "2.0.0", "Bloc recu, {octets} octets / {octets} octets received")
 
@@ -168,6 +176,15 @@ PARAMETER_UNKNOWN = Reply(
 )
 DATA_SYNTAX = Reply(501, "5.5.4", "Syntaxe : DATA sans argument / Syntax: DATA takes no argument")
 BAD_SIZE_PARAMETER = Reply(501, "5.5.4", "Parametre SIZE invalide / Invalid SIZE parameter")
+# RFC 5321 4.2.3 501: a parameter glued to the address (<a@b>RET=FULL)...
+PARAMETER_SYNTAX = Reply(
+    501, "5.5.4", "Syntaxe des parametres invalide / Syntax error in parameters"
+)
+# RFC 3461 4: NOTIFY, ORCPT, RET or ENVID malformed, repeated, or an xtext
+# that does not decode to printable US-ASCII.
+DSN_PARAMETER_INVALID = Reply(
+    501, "5.5.4", "Parametre {name} invalide / Invalid {name} parameter (RFC 3461)"
+)
 # RFC 3030 2: without a valid octet count the chunk cannot be framed, so
 # the connection is closed after this reply (protocol.py, smtp_BDAT).
 BDAT_SYNTAX = Reply(

@@ -3,6 +3,21 @@
 aiosmtpd calls the ``handle_*`` hooks; replies come from replies.py.
 Recipients are decided by routing (a verdict per RCPT); accepted ones are
 remembered on the envelope with their patient id.
+
+Bounce mode (``smtp.refusal = "dsn"``, issue #7): a recipient refused for a
+patient cause (adresse invalide 5.1.3, patient non trouve 5.1.1, messagerie
+fermee 5.2.1) is answered 250 and reported to the sender in a DSN queued
+with the message (outbound/dsn.py, store/mailstore.py) -- but only when
+such a DSN will go out: with a null sender (never bounce a bounce) or a
+NOTIFY without FAILURE, the refusal stays at RCPT, so no refusal is ever
+silently swallowed.  Everything else (relay, trust space, limits, a
+non-ASCII address) is refused at RCPT in both modes.  The abuse guard
+counts a bounced recipient exactly as a refused one, and it is audited the
+same way: DSN mode tells a prober nothing faster than RCPT mode.
+
+RFC 3461 parameters (dsn_parameters.py) are kept on the envelope:
+``NOTIFY=SUCCESS`` on an accepted recipient adds a "delivered" entry to
+the same DSN.
 """
 
 from __future__ import annotations
@@ -11,16 +26,18 @@ import logging
 import secrets
 from collections.abc import Awaitable, Callable
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol, TypeVar
 
 from cryptography import x509
 
 from mssante.clock import Clock
+from mssante.outbound.dsn import Action, DeliveryReport, RecipientReport
 from mssante.pseudonym import Pseudonymizer
 from mssante.routing.recipient import RecipientRouter
 from mssante.routing.trust import DnKey, TrustSpace, dn_key
 from mssante.routing.verdict import Refuse
-from mssante.smtp import replies
+from mssante.smtp import dsn_parameters, replies
+from mssante.smtp.dsn_parameters import MailDsn, RcptDsn
 from mssante.smtp.limits import AbuseGuard, SessionGuard, peer_identity
 from mssante.smtp.protocol import GatewayProtocol, new_log_id
 from mssante.smtp.replies import Reply
@@ -43,6 +60,11 @@ class RefusalRecorder(Protocol):
 
 
 SpoolFactory = Callable[[], Spool]
+_Dsn = TypeVar("_Dsn", MailDsn, RcptDsn)
+
+# Refusal causes (routing/recipient.py) that bounce mode reports by DSN:
+# the patient's own situation, DOMAIN.md 3.
+BOUNCED_CAUSES = frozenset({"invalid_address", "patient_not_found", "mailbox_closed"})
 
 
 class Policy:
@@ -60,7 +82,9 @@ class Policy:
         trust: Callable[[], TrustSpace],
         check_senders: bool,
         abuse: AbuseGuard,
+        refusal: Literal["rcpt", "dsn"] = "rcpt",
     ) -> None:
+        self._refusal = refusal
         self._abuse = abuse
         self._trust = trust
         self._check_senders = check_senders
@@ -84,10 +108,12 @@ class Policy:
         session.host_name = hostname
         # RFC 1870 SIZE; the MAIL line may grow by " SIZE=nnnnnnnn".
         server.command_size_limits["MAIL"] += 26
+        grow_for_dsn_parameters(server)
         extra = [
             f"250-SIZE {self._max_size}",
             "250-PIPELINING",  # RFC 2920
             "250-ENHANCEDSTATUSCODES",  # RFC 2034
+            "250-DSN",  # RFC 3461
         ]
         # No AUTH here: operators authenticate by certificate; professional
         # clients use the submission listener.
@@ -114,6 +140,9 @@ class Policy:
                 if int(value) > self._max_size:
                     # RFC 1870 6.1: refuse at once, before any data is sent.
                     return str(replies.SIZE_DECLARED_TOO_BIG.format(limit=self._max_size))
+        dsn = parse_parameters(server, mail_options, dsn_parameters.parse_mail)
+        if isinstance(dsn, Reply):
+            return str(dsn)
         if self._check_senders:
             refusal = self._trust().check_sender(address, peer_dn(session))
             if refusal is not None:
@@ -133,6 +162,11 @@ class Policy:
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         envelope.accepted = []
+        envelope.dsn = dsn
+        # RFC 3464 per-recipient entries: refusals to report (bounce mode)
+        # and deliveries to confirm (NOTIFY=SUCCESS).
+        envelope.bounced = []
+        envelope.confirm = []
         return str(replies.SENDER_OK)
 
     async def handle_RCPT(
@@ -145,10 +179,15 @@ class Policy:
     ) -> str:
         if not address.isascii() and not envelope.smtp_utf8:
             return str(replies.NON_ASCII_WITHOUT_SMTPUTF8)
+        dsn = parse_parameters(server, rcpt_options, dsn_parameters.parse_rcpt)
+        if isinstance(dsn, Reply):
+            return str(dsn)
         guard = self._guard(session)
         # Before routing: once a peer is over its budget every RCPT gets the
         # same answer, so the replies tell nothing about which INS exist.
-        decision = guard.check_recipient(len(envelope.accepted))
+        # Bounced recipients were answered 250 too: they count (RFC 5321
+        # 4.5.3.1.8, 100 recipients).
+        decision = guard.check_recipient(len(envelope.accepted) + len(envelope.bounced))
         if not decision.ok:
             log.info("RCPT limited: %s", decision.reason)
             return str(decision.reply)
@@ -166,14 +205,74 @@ class Policy:
             if not strike.ok:
                 log.info("closing probing session: %s", strike.reason)
                 return str(strike.reply)
+            if self._bounces(envelope, address, verdict, dsn):
+                # DATA needs a recipient: this one is in rcpt_tos, not accepted.
+                envelope.rcpt_tos.append(address)
+                envelope.rcpt_options.extend(rcpt_options)
+                envelope.bounced.append(
+                    RecipientReport(
+                        final_recipient=address,
+                        action=Action.FAILED,
+                        status=verdict.reply.enhanced,
+                        original=dsn.orcpt,
+                        cause=verdict.cause,
+                        diagnostic=str(verdict.reply),
+                    )
+                )
+                log.info("RCPT refusal %s to be reported by DSN", verdict.reply.enhanced)
+                return str(replies.RECIPIENT_OK)
             return str(verdict.reply)
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
         envelope.accepted.append(Recipient(address, verdict.patient_id))
+        if dsn.wants_success and not is_null_sender(envelope.mail_from):
+            envelope.confirm.append(
+                RecipientReport(
+                    final_recipient=address,
+                    action=Action.DELIVERED,
+                    status="2.0.0",
+                    original=dsn.orcpt,
+                )
+            )
         log.info(
             "RCPT accepted ins=%s status=%s", self._pseudonym(verdict.ins), verdict.status.value
         )
         return str(replies.RECIPIENT_OK)
+
+    def _bounces(self, envelope: Any, address: str, verdict: Refuse, dsn: RcptDsn) -> bool:
+        """Bounce mode: accept this refused recipient and report it by DSN?
+
+        Only for a patient cause, and only when a DSN will really be sent
+        (RFC 3461 4.1 NOTIFY, RFC 5321 4.5.5 null sender): otherwise the
+        RCPT refusal is the only way the sender learns of it.  A non-ASCII
+        address (SMTPUTF8) stays refused: reporting it would need RFC 6533
+        (message/global-delivery-status).
+        """
+        return (
+            self._refusal == "dsn"
+            and verdict.cause in BOUNCED_CAUSES
+            and address.isascii()
+            and not is_null_sender(envelope.mail_from)
+            and dsn.wants_failure
+        )
+
+    def _report(self, envelope: Any, helo: str | None, at: datetime) -> DeliveryReport | None:
+        """The DSN for this transaction, if anything is to be reported."""
+        reported = [*envelope.bounced, *envelope.confirm]
+        if not reported:
+            return None
+        mail: MailDsn = envelope.dsn
+        return DeliveryReport(
+            to=envelope.mail_from,
+            from_address=f"MAILER-DAEMON@{self._hostname}",
+            message_id=f"<{secrets.token_hex(12)}.dsn@{self._hostname}>",
+            date=at,
+            reporting_mta=self._hostname,
+            arrival_date=at,
+            recipients=tuple(reported),
+            envelope_id=mail.envid,
+            received_from_mta=helo,
+        )
 
     def _guard(self, session: Any) -> SessionGuard:
         """The session's abuse guard, by its strongest identity (made after STARTTLS,
@@ -207,6 +306,7 @@ class Policy:
             trace_header=received_header(
                 helo=helo, peer=peer, hostname=self._hostname, tls=tls, ref=ref, at=at
             ),
+            report=self._report(envelope, helo, at),
         )
         try:
             await self._deliver(env, spool)
@@ -221,8 +321,41 @@ class Policy:
             log_id = new_log_id()
             log.error("storage full log_id=%s", log_id, exc_info=True)
             return replies.STORAGE_FULL.format(log_id=log_id)
+        if env.report is not None:
+            log.info(
+                "DSN queued ref=%s failed=%d delivered=%d",
+                ref,
+                len(env.report.failed),
+                len(env.report.delivered),
+            )
+        if not env.recipients:
+            # Bounce mode, every recipient refused: the 250 means the DSN is queued.
+            return replies.REPORT_QUEUED.format(ref=ref)
         log.info("stored ref=%s recipients=%d size=%d", ref, len(env.recipients), spool.size)
         return replies.MESSAGE_STORED.format(ref=ref)
+
+
+def is_null_sender(mail_from: str | None) -> bool:
+    """RFC 5321 4.5.5: ``MAIL FROM:<>`` (aiosmtpd gives ``<>``)."""
+    return mail_from in (None, "", "<>")
+
+
+def grow_for_dsn_parameters(server: Any) -> None:
+    """RFC 3461 parameters lengthen MAIL and RCPT lines (RFC 5321 4.5.3.1.4)."""
+    server.command_size_limits["MAIL"] += dsn_parameters.MAIL_LINE_GROWTH
+    server.command_size_limits["RCPT"] += dsn_parameters.RCPT_LINE_GROWTH
+
+
+def parse_parameters(
+    server: Any, options: list[str], parse: Callable[[list[str]], _Dsn | Reply]
+) -> _Dsn | Reply:
+    """RFC 3461 parameters of the current MAIL or RCPT, from the arguments as sent."""
+    if not any(o.partition("=")[0] in dsn_parameters.DSN_PARAMETERS for o in options):
+        return parse([])
+    sent = dsn_parameters.as_sent(getattr(server, "arguments_as_sent", ""), options)
+    if sent is None:
+        return replies.PARAMETER_SYNTAX
+    return parse(sent)
 
 
 def peer_ip(session: Any) -> str | None:

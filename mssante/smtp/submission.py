@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from mssante.smtp import replies
 from mssante.smtp.limits import peer_identity
-from mssante.smtp.session import Policy, peer_certificate, peer_ip
+from mssante.smtp.session import Policy, grow_for_dsn_parameters, peer_certificate, peer_ip
 from mssante.store.accounts import Accounts
 from mssante.store.models import Account
 
@@ -54,7 +54,13 @@ class SubmissionPolicy(Policy):
     ) -> list[str]:
         session.host_name = hostname
         server.command_size_limits["MAIL"] += 26
-        extra = [f"250-SIZE {self._max_size}", "250-PIPELINING", "250-ENHANCEDSTATUSCODES"]
+        grow_for_dsn_parameters(server)
+        extra = [
+            f"250-SIZE {self._max_size}",
+            "250-PIPELINING",
+            "250-ENHANCEDSTATUSCODES",
+            "250-DSN",  # RFC 3461: NOTIFY=SUCCESS is honoured here too
+        ]
         return [responses[0], *extra, *responses[1:]]
 
     async def handle_MAIL(

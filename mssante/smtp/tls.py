@@ -58,9 +58,17 @@ def server_context(
 
 
 def client_context(
-    anchors: Path | None, cert: Path | None = None, key: Path | None = None
+    anchors: Path | None,
+    cert: Path | None = None,
+    key: Path | None = None,
+    *,
+    crls: tuple[Path, ...] = (),
 ) -> ssl.SSLContext:
-    """For our own clients (send-test, outbound): verify the server, present ours."""
+    """For our own clients (send-test, outbound): verify the server, present ours.
+
+    ``crls`` (outbound to operators): the server certificate is also checked
+    against these revocation lists.
+    """
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     if anchors is not None:
@@ -69,6 +77,10 @@ def client_context(
         context.load_default_certs()
     if cert is not None:
         context.load_cert_chain(cert, key)
+    for crl in crls:
+        context.load_verify_locations(cafile=str(crl))
+    if crls:
+        context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
     return context
 
 

@@ -28,7 +28,7 @@ from mssante.store.blobs import BlobStore
 from mssante.store.crypto import DecryptionError
 from mssante.store.db import SessionMaker
 from mssante.store.keys import KeyDestroyedError, Keyring
-from mssante.store.models import Message
+from mssante.store.models import Message, OutboundMessage
 from mssante.store.reading import message_key, view
 
 
@@ -102,6 +102,8 @@ async def check_store(
                 report.problems.append(f"{where}: body does not match its recorded size/digest")
             if progress:
                 progress(1)
+        # Outbound mail waiting or kept (outbound/queue.py) has blobs too.
+        seen.update(await session.scalars(select(OutboundMessage.blob_key)))
         report.audit_events, chain_problems = await verify_stored_chain(session)
         report.problems += [f"audit: {p}" for p in chain_problems]
     # A crash between the blob's fsync and the database commit leaves one:

@@ -103,6 +103,14 @@ def _enum(cls: type[enum.Enum]) -> Enum:
     )
 
 
+class MessageOrigin(enum.StrEnum):
+    """Who wrote a stored message."""
+
+    RECEIVED = "received"  # came in over SMTP
+    PATIENT = "patient"  # a reply the patient (or a helper) wrote
+    NOTICE = "notice"  # written by the service ("Message non distribué")
+
+
 class Patient(Base):
     __tablename__ = "patients"
 
@@ -177,6 +185,9 @@ class Message(Base):
     attachment_count: Mapped[int] = mapped_column(Integer, default=0)
     broken_mime: Mapped[bool] = mapped_column(Boolean, default=False)
     sealed: Mapped[bytes] = mapped_column(LargeBinary)
+    origin: Mapped[MessageOrigin] = mapped_column(
+        _enum(MessageOrigin), default=MessageOrigin.RECEIVED, server_default="received"
+    )
 
 
 class Conversation(Base):
