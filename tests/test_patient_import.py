@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import time
+import tracemalloc
 from collections.abc import AsyncIterator, Iterable, Mapping
 from datetime import date
 from pathlib import Path
@@ -29,6 +30,8 @@ from mssante.store.patient_import import (
     ImportReport,
     RowError,
     _EmailCheck,
+    _RowParser,
+    _staged,
     import_patients,
 )
 from tests.conftest import FakeClock
@@ -684,3 +687,123 @@ async def test_fifty_thousand_rows(sessions: Sessions, clock: FakeClock, tmp_pat
     print(f"unchanged re-import: {n / elapsed:,.0f} rows/s")
     assert again.unchanged == n
     assert await count(sessions, Patient) == n
+
+
+SIMPLE_ROWS: list[dict[str, str]] = [
+    {"ins": ins(1), "status": "created"},
+    {"ins": ins(2), "status": "activated", "activation_email": "a.b@Example.FR"},
+    {"ins": ins(3), "status": "activated", "activation_email": "élodie@exemple.fr"},
+    {"ins": ins(4), "status": "Created"},  # not as written in the schema: the full way
+    {"ins": f" {ins(5)}", "status": "created"},  # spaces around the INS
+    {"ins": corsican(6), "status": "created"},
+    {"ins": ins(7), "status": "closed", "postal_address": " 1 rue X |  | 75001 Paris "},
+    {"ins": ins(8), "status": "closed", "postal_address": r"1 rue X\n75001 Paris"},
+    {"ins": ins(9), "status": "created", "birth_date": "2020-02-30"},
+    {"ins": ins(10), "status": "created", "birth_date": "2020-02-28"},
+    {"ins": ins(11), "status": "created", "representatives": f"{ins(1)}; {ins(2)};{ins(1)}"},
+    {"ins": ins(12), "status": "created", "representatives": ins(1), "helpers": ins(1)},
+    {"ins": ins(13), "status": "created", "representatives": ins(13)},
+    {"ins": ins(14), "status": "created", "given_name": " Anne ", "family_name": "x" * 201},
+    {"ins": ins(15), "status": "created", "insurer_email": " a@example.fr"},
+    {"ins": ins(16), "status": "activated", "activation_email": "postmaster@example.fr"},
+    {"ins": "1850175000001", "status": "created"},
+]
+
+
+def test_simple_rows_agree_with_the_full_checks() -> None:
+    """The fast path for rows of the usual shape gives what the full checks give, or steps aside."""
+    parser = _RowParser()
+    taken = 0
+    for raw in SIMPLE_ROWS:
+        row = {name: raw.get(name, "") for name in FIELDS}
+        full = parser.parse(row, from_csv=True)
+        quick = parser.simple(row)
+        if quick is None:
+            continue
+        taken += 1
+        assert full.row is not None, raw
+        ins_value, values, representatives, helpers = quick
+        staged = _staged(full.row)
+        assert (ins_value, *values) == (full.row.ins, *staged[:7]), raw
+        assert (";".join(representatives) or None, ";".join(helpers) or None) == staged[7:]
+    assert taken >= 8  # most rows of the list go the fast way
+
+
+async def test_two_hundred_thousand_rows(
+    sessions: Sessions, clock: FakeClock, tmp_path: Path
+) -> None:
+    """The bulk path end to end: create, re-import unchanged, then a file changing some rows."""
+    n = 200_000
+
+    def row(i: int, *, version: int = 0) -> dict[str, str]:
+        values = {
+            "ins": ins(i % 1_000_000, yy=i % 100, mm=i % 12 + 1),
+            "status": "created",
+            "insurer_email": f"p{i}@assure{i % 7}.fr",
+            "family_name": f"Nom{i}",
+            "birth_date": f"19{i % 100:02d}-0{i % 9 + 1}-1{i % 10}",
+            "postal_address": f"{i} rue X | 75011 Paris",
+        }
+        if i % 10 == 9:
+            values["representatives"] = row(i - 1)["ins"]
+        if i % 1000 == 999:  # named before its own row
+            values["helpers"] = row(i + 1)["ins"] if i + 1 < n else ""
+        if version and i % 100 == 0:
+            values |= {"status": "activated", "activation_email": f"new{i}@example.fr"}
+        if version and i % 10 == 9 and i % 20 == 19:
+            values["representatives"] = ""  # links dropped
+        return values
+
+    first = write_csv(tmp_path / "a.csv", (row(i) for i in range(n)))
+    report = await import_patients(sessions, first, clock=clock, scratch_dir=tmp_path)
+    assert (report.created, report.errors) == (n, [])
+    assert await count(sessions, Patient) == n
+    expected_links = n // 10 + n // 1000 - (1 if (n - 1) % 1000 == 999 else 0)
+    assert await count(sessions, PatientLink) == expected_links
+    async with sessions() as session:
+        sample = await session.scalar(select(Patient).where(Patient.ins == row(12_345)["ins"]))
+    assert sample is not None
+    assert (sample.family_name, sample.postal_address) == ("Nom12345", "12345 rue X\n75011 Paris")
+    assert sample.birth_date == date(1945, 7, 15)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("mssante-import-")] == []
+
+    clock.advance(days=1)
+    again = await import_patients(sessions, first, clock=clock)
+    assert (again.created, again.updated, again.unchanged) == (0, 0, n)
+
+    second = write_csv(tmp_path / "b.csv", (row(i, version=1) for i in range(n)))
+    changed = await import_patients(sessions, second, clock=clock)
+    updated = n // 100 + n // 20
+    assert (changed.created, changed.updated, changed.unchanged) == (0, updated, n - updated)
+    assert await count(sessions, PatientLink) == expected_links - n // 20
+    status_events = await events(sessions, "patient.status_changed")
+    assert len(status_events) == n // 100
+    assert {e.details["to"] for e in status_events} == {"activated"}
+    async with sessions() as session:
+        activated = await session.scalar(select(Patient).where(Patient.ins == row(500)["ins"]))
+    assert activated is not None
+    assert activated.activated_at == activated.updated_at == clock.now()
+    assert activated.activation_email == "new500@example.fr"
+    assert audit.verify_chain(await events(sessions)) == []
+
+
+async def test_memory_stays_bounded(sessions: Sessions, clock: FakeClock, tmp_path: Path) -> None:
+    """Rows go through the scratch database: the Python heap does not grow with the file."""
+
+    def rows(n: int) -> Iterable[dict[str, str]]:
+        for i in range(n):
+            yield {"ins": ins(i, yy=i % 100), "status": "created", "family_name": f"N{i}"}
+
+    peaks = []
+    for n in (25_000, 75_000):  # both over the rows staged at a time (20,000)
+        path = write_csv(tmp_path / f"{n}.csv", rows(n))
+        tracemalloc.start()
+        try:
+            report = await import_patients(sessions, path, clock=clock, batch_size=2000)
+            peaks.append(tracemalloc.get_traced_memory()[1])
+        finally:
+            tracemalloc.stop()
+        assert report.errors == []
+    # Three times the rows, not more memory (a dict of the file's INS alone
+    # would take some 100 bytes a row: 5 MB more).
+    assert peaks[1] < peaks[0] + 1_000_000, peaks
