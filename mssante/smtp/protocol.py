@@ -49,7 +49,6 @@ _PROBLEM_REPLIES = {
 }
 
 
-
 # RFC 5321 4.1.2 Path, the common case: dot-atom local part (RFC 5322 atext),
 # letters-digits-hyphens domain labels; then optional whitespace and the rest.
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
@@ -57,6 +56,7 @@ _PLAIN_PATH = re.compile(
     rf"[ \t]*<({_ATEXT}(?:\.{_ATEXT})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>[ \t]*(.*)\Z",
     re.DOTALL,
 )
+
 
 class AlertingSSLProtocol(sslproto.SSLProtocol):
     """asyncio's server-side TLS, sending the alert when a handshake fails.
