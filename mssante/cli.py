@@ -195,7 +195,7 @@ def store_check(ctx: click.Context, remove_orphans: bool) -> None:
 @main.command()
 @click.pass_context
 def purge(ctx: click.Context) -> None:
-    """Apply retention: purge old trash and audit events (audited)."""
+    """Apply retention: purge old trash, finished outbound mail and old audit events."""
     from mssante.store.retention import purge as run_purge
 
     settings = _settings(ctx)
@@ -207,13 +207,15 @@ def purge(ctx: click.Context) -> None:
             now=SystemClock().now(),
             trash_days=settings.retention.trash_days,
             audit_days=settings.retention.audit_days,
+            outbound_days=settings.retention.outbound_days,
             actor="cli",
         )
 
     r = _run(_with_store(settings, run))
     click.echo(
         f"purged {r.deliveries} trashed deliveries, {r.messages} messages, "
-        f"{r.conversations} conversations, {r.audit_events} audit events"
+        f"{r.conversations} conversations, {r.outbound} finished outbound messages, "
+        f"{r.audit_events} audit events"
     )
 
 

@@ -378,6 +378,12 @@ class RetentionSettings(_Section):
     audit_days: int = Field(
         3650, ge=365, description="Days audit events are kept (at least one year)."
     )
+    outbound_days: int = Field(
+        7,
+        ge=1,
+        description="Days a finished outbound message (every recipient sent or failed) is "
+        "kept in the queue before it is purged.",
+    )
 
 
 class Settings(_Section):

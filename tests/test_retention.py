@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy import func, select, update
 
 from mssante import demo
 from mssante.app import Gateway
 from mssante.store import audit
 from mssante.store.check import check_store
-from mssante.store.models import AuditAnchor, AuditEvent, Conversation, Delivery, Message, Patient
+from mssante.store.models import (
+    AuditAnchor,
+    AuditEvent,
+    Conversation,
+    Delivery,
+    Message,
+    OutboundKind,
+    OutboundMessage,
+    OutboundRecipient,
+    OutboundStatus,
+    Patient,
+)
 from mssante.store.retention import purge
 from tests.conftest import FakeClock
 from tests.test_encryption import _send
@@ -78,3 +91,71 @@ async def test_moved_anchor_is_detected(gateway: Gateway, clock: FakeClock) -> N
     async with store.reads() as s:
         _, problems = await audit.verify_stored_chain(s)
     assert problems
+
+
+async def test_purge_finished_outbound_mail_only(gateway: Gateway, clock: FakeClock) -> None:
+    """Sent or failed outbound messages go after ``outbound_days`` with their
+    blobs; pending and held ones stay whatever their age."""
+    store = gateway.store
+
+    async def queue(body: bytes) -> tuple[int, str]:
+        prepared = await store.outbound.prepare(b"Subject: r\r\n\r\n" + body + b"\r\n")
+
+        async def job(session: Any) -> int:
+            return await store.outbound.add(
+                session,
+                prepared,
+                kind=OutboundKind.REPLY,
+                mail_from=addr(demo.ACTIVATED),
+                recipients=["dr.durand@chu-exemple.mssante.fr", "labo@bio-exemple.mssante.fr"],
+                at=clock.now(),
+            )
+
+        return await store.writer.run(job), prepared.blob_key
+
+    async def set_status(outbound_id: int, *statuses: OutboundStatus) -> None:
+        async with store.write_engine.begin() as conn:
+            rows = await conn.execute(
+                select(OutboundRecipient.id)
+                .where(OutboundRecipient.outbound_id == outbound_id)
+                .order_by(OutboundRecipient.id)
+            )
+            for rid, status in zip(list(rows.scalars()), statuses, strict=True):
+                await conn.execute(
+                    update(OutboundRecipient)
+                    .where(OutboundRecipient.id == rid)
+                    .values(status=status)
+                )
+
+    done, done_blob = await queue(b"old, sent and failed")
+    await set_status(done, OutboundStatus.SENT, OutboundStatus.FAILED)
+    waiting, waiting_blob = await queue(b"old, one still pending")
+    await set_status(waiting, OutboundStatus.SENT, OutboundStatus.PENDING)
+    held, held_blob = await queue(b"old, held")
+    await set_status(held, OutboundStatus.HELD, OutboundStatus.FAILED)
+    clock.advance(days=8)
+    recent, recent_blob = await queue(b"recent, sent")
+    await set_status(recent, OutboundStatus.SENT, OutboundStatus.SENT)
+
+    report = await purge(
+        store.writer,
+        store.blobs,
+        now=clock.now(),
+        trash_days=30,
+        audit_days=3650,
+        outbound_days=7,
+        actor="test",
+    )
+    assert report.outbound == 1
+    async with store.reads() as s:
+        left = set(await s.scalars(select(OutboundMessage.id)))
+        orphan_recipients = await s.scalar(
+            select(func.count())
+            .select_from(OutboundRecipient)
+            .where(OutboundRecipient.outbound_id == done)
+        )
+    assert left == {waiting, held, recent} and orphan_recipients == 0
+    assert not store.blobs.path_of(done_blob).exists()
+    for key in (waiting_blob, held_blob, recent_blob):
+        assert store.blobs.path_of(key).exists()
+    assert (await check_store(store.reads, store.blobs, store.keyring)).problems == []

@@ -4,6 +4,10 @@
   with no delivery is deleted with its blob (after the commit: a crash in
   between leaves an orphan blob, which ``store check`` reports, never a row
   without its blob); a conversation left empty is deleted.
+- An outbound message (outbound/queue.py) whose recipients are all done
+  (sent or failed) and that was queued more than ``outbound_days`` ago is
+  deleted with its blob: what the patient wrote stays in their mailbox as
+  its own copy (outbound/replies.py); the queue only needs it to deliver.
 - Audit events older than ``audit_days`` are deleted.  The hash of the last
   one deleted becomes the chain's anchor (``audit_anchor``) and is named in
   the purge's own audit event, so verification still proves the rest.
@@ -22,7 +26,16 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from mssante.store import audit
 from mssante.store.blobs import BlobStore
-from mssante.store.models import AuditAnchor, AuditEvent, Conversation, Delivery, Message
+from mssante.store.models import (
+    AuditAnchor,
+    AuditEvent,
+    Conversation,
+    Delivery,
+    Message,
+    OutboundMessage,
+    OutboundRecipient,
+    OutboundStatus,
+)
 from mssante.store.writer import Writer
 
 
@@ -31,12 +44,19 @@ class PurgeReport:
     deliveries: int = 0
     messages: int = 0
     conversations: int = 0
+    outbound: int = 0
     audit_events: int = 0
     blob_keys: list[str] = field(default_factory=list)
 
 
 async def _purge(
-    session: AsyncSession, *, now: datetime, trash_days: int, audit_days: int, actor: str
+    session: AsyncSession,
+    *,
+    now: datetime,
+    trash_days: int,
+    audit_days: int,
+    outbound_days: int,
+    actor: str,
 ) -> PurgeReport:
     report = PurgeReport()
     trash_cutoff = now - timedelta(days=trash_days)
@@ -72,6 +92,28 @@ async def _purge(
             .returning(Conversation.id)
         )
         report.conversations = len(result.all())
+
+    finished = await session.execute(
+        delete(OutboundMessage)
+        .where(
+            OutboundMessage.created_at < now - timedelta(days=outbound_days),
+            ~exists().where(
+                OutboundRecipient.outbound_id == OutboundMessage.id,
+                OutboundRecipient.status.in_((OutboundStatus.PENDING, OutboundStatus.HELD)),
+            ),
+        )
+        .returning(OutboundMessage.id, OutboundMessage.blob_key)
+    )
+    gone_outbound = finished.all()
+    if gone_outbound:
+        # Not every database enforces ON DELETE CASCADE (SQLite without the pragma).
+        await session.execute(
+            delete(OutboundRecipient).where(
+                OutboundRecipient.outbound_id.in_([i for i, _ in gone_outbound])
+            )
+        )
+    report.outbound = len(gone_outbound)
+    report.blob_keys += [key for _, key in gone_outbound]
 
     audit_cutoff = now - timedelta(days=audit_days)
     last = (
@@ -109,6 +151,7 @@ async def _purge(
             "deliveries": report.deliveries,
             "messages": report.messages,
             "conversations": report.conversations,
+            "outbound": report.outbound,
             "audit_events": report.audit_events,
             **anchor_note,
         },
@@ -123,10 +166,18 @@ async def purge(
     now: datetime,
     trash_days: int,
     audit_days: int,
+    outbound_days: int = 7,
     actor: str,
 ) -> PurgeReport:
     report = await writer.run(
-        lambda s: _purge(s, now=now, trash_days=trash_days, audit_days=audit_days, actor=actor)
+        lambda s: _purge(
+            s,
+            now=now,
+            trash_days=trash_days,
+            audit_days=audit_days,
+            outbound_days=outbound_days,
+            actor=actor,
+        )
     )
 
     # Only after the commit: the rows pointing to these blobs are gone.
