@@ -63,11 +63,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import hashlib
 import io
+import logging
 import re
 from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import BinaryIO, Final, Literal, TypeAlias
 
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -75,6 +78,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 
 from mssante.clock import Clock, SystemClock
+from mssante.durable import write_file
+
+_log = logging.getLogger(__name__)
 
 __all__ = [
     "DEFAULT_SIGNED_HEADERS",
@@ -1050,3 +1056,32 @@ def generate_key(algorithm: SigningAlgorithm) -> bytes:
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
+
+
+def load_signer(
+    key_file: Path | None,
+    *,
+    data_dir: Path,
+    selector: str,
+    domain: str,
+    clock: Clock,
+    setting: str,
+) -> DkimSigner:
+    """The signer of ``key_file``, else of a development Ed25519 key made once
+    in ``data_dir/dkim/<selector>.key`` (with the TXT record to publish beside
+    it, and a warning naming ``setting``, the key to set in production)."""
+    path = key_file
+    if path is None:
+        path = data_dir / "dkim" / f"{selector}.key"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(FileExistsError):  # another process made it
+                write_file(path, generate_key("ed25519-sha256"), exclusive=True)
+        _log.warning("development DKIM key in use (%s): set %s", path, setting)
+    signer = DkimSigner(
+        domain=domain, selector=selector, private_key_pem=path.read_bytes(), clock=clock
+    )
+    record = path.with_suffix(".dns.txt")
+    if key_file is None and not record.exists():
+        record.write_text(f'{signer.key_name}. IN TXT "{signer.dns_record()}"\n', "utf-8")
+    return signer

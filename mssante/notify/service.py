@@ -18,9 +18,9 @@ import ssl
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from mssante import dkim
 from mssante.clock import Clock
-from mssante.dkim import DkimSigner, generate_key
-from mssante.durable import write_file
+from mssante.dkim import DkimSigner
 from mssante.notify.bounces import BounceListener, BouncePolicy
 from mssante.notify.compose import Sender
 from mssante.notify.transport import FileTransport, SmarthostTransport, Transport
@@ -58,27 +58,16 @@ def dkim_domain(n: NotifySettings) -> str:
 
 
 def load_signer(settings: Settings, clock: Clock) -> DkimSigner:
-    """The configured key, else a development Ed25519 key made once in data_dir/dkim."""
+    """``notify.dkim_key_file``, else a development Ed25519 key made once in data_dir/dkim."""
     n = settings.notify
-    path = n.dkim_key_file
-    if path is None:
-        path = settings.store.data_dir / "dkim" / f"{n.dkim_selector}.key"
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with contextlib.suppress(FileExistsError):  # another process made it
-                write_file(path, generate_key("ed25519-sha256"), exclusive=True)
-        log.warning("development DKIM key in use (%s): set notify.dkim_key_file", path)
-    signer = DkimSigner(
-        domain=dkim_domain(n),
+    return dkim.load_signer(
+        n.dkim_key_file,
+        data_dir=settings.store.data_dir,
         selector=n.dkim_selector,
-        private_key_pem=path.read_bytes(),
+        domain=dkim_domain(n),
         clock=clock,
+        setting="notify.dkim_key_file",
     )
-    record = path.with_suffix(".dns.txt")
-    if n.dkim_key_file is None and not record.exists():
-        # What to publish, next to the development key.
-        record.write_text(f'{signer.key_name}. IN TXT "{signer.dns_record()}"\n', "utf-8")
-    return signer
 
 
 def verp_codec(settings: Settings) -> VerpCodec:

@@ -50,9 +50,9 @@ from sqlalchemy import and_, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql.elements import ColumnElement
 
+from mssante import dkim
 from mssante.clock import Clock
-from mssante.dkim import DkimSigner, generate_key
-from mssante.durable import write_file
+from mssante.dkim import DkimSigner
 from mssante.notify.service import worker_id as new_worker_id
 from mssante.notify.worker import RetryPolicy
 from mssante.outbound.delivery import (
@@ -525,24 +525,14 @@ class OutboundWorker:
 def load_signer(settings: Settings, clock: Clock) -> DkimSigner:
     """``outbound.dkim_key_file``, else a development Ed25519 key made once in data_dir/dkim."""
     o = settings.outbound
-    path = o.dkim_key_file
-    if path is None:
-        path = settings.store.data_dir / "dkim" / f"{o.dkim_selector}.key"
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with contextlib.suppress(FileExistsError):  # another process made it
-                write_file(path, generate_key("ed25519-sha256"), exclusive=True)
-        log.warning("development DKIM key in use (%s): set outbound.dkim_key_file", path)
-    signer = DkimSigner(
-        domain=o.dkim_domain or settings.smtp.patient_domain,
+    return dkim.load_signer(
+        o.dkim_key_file,
+        data_dir=settings.store.data_dir,
         selector=o.dkim_selector,
-        private_key_pem=path.read_bytes(),
+        domain=o.dkim_domain or settings.smtp.patient_domain,
         clock=clock,
+        setting="outbound.dkim_key_file",
     )
-    record_path = path.with_suffix(".dns.txt")
-    if o.dkim_key_file is None and not record_path.exists():
-        record_path.write_text(f'{signer.key_name}. IN TXT "{signer.dns_record()}"\n', "utf-8")
-    return signer
 
 
 def make_routes(settings: Settings) -> NextHopResolver:
