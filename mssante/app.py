@@ -11,9 +11,10 @@ import asyncio
 import contextlib
 import logging
 import ssl
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -44,6 +45,7 @@ from mssante.store.migrations import prepare_schema
 from mssante.store.reading import read_original
 from mssante.store.writer import Writer
 
+T = TypeVar("T")
 log = logging.getLogger("mssante")
 
 # aiosmtpd logs every command line, RCPT addresses (INS) included, at INFO,
@@ -99,6 +101,20 @@ class Store:
         self.directory.close()
         await self.read_engine.dispose()
         await self.write_engine.dispose()
+
+
+def run_with_store(settings: Settings, fn: Callable[[Store], Awaitable[T]]) -> T:
+    """For commands: open the store, run ``fn`` on it, close it (an event loop of its own)."""
+
+    async def run() -> T:
+        store = Store(settings)
+        await store.open()
+        try:
+            return await fn(store)
+        finally:
+            await store.close()
+
+    return asyncio.run(run())
 
 
 class TrustConfig:

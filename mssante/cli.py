@@ -7,7 +7,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from email.message import EmailMessage
 from email.utils import make_msgid
 from pathlib import Path
@@ -21,7 +21,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
 from mssante import demo
-from mssante.app import Gateway, Store
+from mssante.app import Gateway, Store, run_with_store
 from mssante.clock import SystemClock
 from mssante.notify.cli import notify
 from mssante.outbound.cli import queue
@@ -57,15 +57,6 @@ def _run(coro: Awaitable[T]) -> T:
         return await coro
 
     return asyncio.run(wrapper())
-
-
-async def _with_store(settings: Settings, fn: Callable[[Store], Awaitable[T]]) -> T:
-    store = Store(settings)
-    await store.open()
-    try:
-        return await fn(store)
-    finally:
-        await store.close()
 
 
 def _valid_ins(value: str) -> str:
@@ -174,7 +165,7 @@ def store_check(ctx: click.Context, remove_orphans: bool) -> None:
                 st.reads, st.blobs, st.keyring, progress=lambda n: progress.advance(task, n)
             )
 
-    report = _run(_with_store(_settings(ctx), run))
+    report = run_with_store(_settings(ctx), run)
     if remove_orphans and report.orphans:
         st = Store(_settings(ctx))
         for key in report.orphans:
@@ -211,7 +202,7 @@ def purge(ctx: click.Context) -> None:
             actor="cli",
         )
 
-    r = _run(_with_store(settings, run))
+    r = run_with_store(settings, run)
     click.echo(
         f"purged {r.deliveries} trashed deliveries, {r.messages} messages, "
         f"{r.conversations} conversations, {r.outbound} finished outbound messages, "
@@ -238,7 +229,7 @@ def audit_verify(ctx: click.Context, expect_head: str | None) -> None:
         async with st.reads() as session:
             return await audit.verify_stored_chain(session, expect_head=expect_head)
 
-    count, problems = _run(_with_store(_settings(ctx), run))
+    count, problems = run_with_store(_settings(ctx), run)
     for problem in problems:
         click.echo(f"PROBLEM {problem}")
     click.echo(f"{count} events: " + ("chain intact" if not problems else "chain BROKEN"))
@@ -255,7 +246,7 @@ def audit_head(ctx: click.Context) -> None:
         async with st.reads() as session:
             return await audit.head(session)
 
-    click.echo(_run(_with_store(_settings(ctx), run)))
+    click.echo(run_with_store(_settings(ctx), run))
 
 
 # --- accounts ---------------------------------------------------------------------------
@@ -326,7 +317,7 @@ def accounts_add(
                 "an account with this address or certificate exists"
             ) from exc
 
-    click.echo(f"account {_run(_with_store(_settings(ctx), run))} created")
+    click.echo(f"account {run_with_store(_settings(ctx), run)} created")
 
 
 @accounts.command("list")
@@ -340,7 +331,7 @@ def accounts_list(ctx: click.Context) -> None:
             return list(await session.scalars(select(Account).order_by(Account.address)))
 
     table = Table("address", "aliases", "password", "certificate", "state")
-    for a in _run(_with_store(_settings(ctx), run)):
+    for a in run_with_store(_settings(ctx), run):
         table.add_row(
             a.address,
             ", ".join(a.aliases),
@@ -369,7 +360,7 @@ def accounts_disable(ctx: click.Context, address: str) -> None:
 
         await st.writer.run(job)
 
-    _run(_with_store(_settings(ctx), run))
+    run_with_store(_settings(ctx), run)
     click.echo(f"account {address} disabled")
 
 
@@ -438,7 +429,7 @@ def keys_rotate(ctx: click.Context, batch: int) -> None:
             await store.writer.run(audit_job)
         return current, total
 
-    current, total = _run(_with_store(settings, rotate))
+    current, total = run_with_store(settings, rotate)
     click.echo(f"current master key {current}; {total} data keys re-wrapped")
 
 
@@ -783,7 +774,7 @@ def mailbox(ctx: click.Context, ins: str) -> None:
             Console().print(table)
 
     try:
-        _run(_with_store(_settings(ctx), show))
+        run_with_store(_settings(ctx), show)
     except KeyDestroyedError as exc:
         raise click.ClickException(f"erased profile, nothing readable ({exc})") from exc
 
@@ -848,7 +839,7 @@ def patients_show(ctx: click.Context, ins: str) -> None:
         table.add_row("notifications", str(pending))
         Console().print(table)
 
-    _run(_with_store(_settings(ctx), show))
+    run_with_store(_settings(ctx), show)
 
 
 @patients.command("set-status")
@@ -871,7 +862,7 @@ def patients_set_status(ctx: click.Context, ins: str, status: str) -> None:
 
         return await store.writer.run(job)
 
-    click.echo(f"{ins}: {_run(_with_store(_settings(ctx), change))}")
+    click.echo(f"{ins}: {run_with_store(_settings(ctx), change)}")
 
 
 @patients.command("erase")
@@ -893,7 +884,7 @@ def patients_erase(ctx: click.Context, ins: str, yes: bool) -> None:
 
         return await store.writer.run(job)
 
-    had_key = _run(_with_store(_settings(ctx), erase))
+    had_key = run_with_store(_settings(ctx), erase)
     click.echo(f"{ins}: data key destroyed" if had_key else f"{ins}: had no data key; marked")
 
 
@@ -939,7 +930,7 @@ def patients_import(ctx: click.Context, file: Path, fmt: str | None, skip_invali
             )
 
     try:
-        report = _run(_with_store(settings, run))
+        report = run_with_store(settings, run)
     except (ValueError, RuntimeError) as exc:
         raise click.ClickException(str(exc)) from exc
     for err in report.errors:

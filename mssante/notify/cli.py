@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import click
@@ -13,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 from sqlalchemy import select, update
 
-from mssante.app import Store
+from mssante.app import Store, run_with_store
 from mssante.clock import SystemClock
 from mssante.notify.postal_cli import postal_batch
 from mssante.notify.service import Notifier
@@ -28,18 +27,6 @@ T = TypeVar("T")
 def _settings(ctx: click.Context) -> Settings:
     settings: Settings = ctx.find_root().obj
     return settings
-
-
-def _with_store(settings: Settings, fn: Callable[[Store], Awaitable[T]]) -> T:
-    async def run() -> T:
-        store = Store(settings)
-        await store.open()
-        try:
-            return await fn(store)
-        finally:
-            await store.close()
-
-    return asyncio.run(run())
 
 
 def _notifier(settings: Settings, store: Store) -> Notifier:
@@ -79,7 +66,7 @@ def run(ctx: click.Context, once: bool) -> None:
         finally:
             await notifier.stop()
 
-    sent = _with_store(settings, work)
+    sent = run_with_store(settings, work)
     click.echo(f"{sent} notification e-mails attempted" if once else f"stopped after {sent} sent")
 
 
@@ -123,7 +110,7 @@ def list_(ctx: click.Context, failed: bool, pending: bool, limit: int) -> None:
             )
         Console().print(table)
 
-    _with_store(_settings(ctx), show)
+    run_with_store(_settings(ctx), show)
 
 
 @notify.command("retry")
@@ -175,7 +162,7 @@ def retry(ctx: click.Context, ids: tuple[int, ...], all_failed: bool) -> None:
 
         return await store.writer.run(job)
 
-    count = _with_store(_settings(ctx), requeue)
+    count = run_with_store(_settings(ctx), requeue)
     if ids and count < len(set(ids)):
         click.echo(
             f"{len(set(ids)) - count} of the given ids are not failed notifications", err=True

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any, TypeVar
 
@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 from sqlalchemy import delete, func, select, update
 
-from mssante.app import Store, TrustConfig
+from mssante.app import Store, TrustConfig, run_with_store
 from mssante.clock import SystemClock
 from mssante.outbound.replies import non_delivery_recorder
 from mssante.outbound.worker import build_worker
@@ -35,18 +35,6 @@ ACTOR = "cli"
 def _settings(ctx: click.Context) -> Settings:
     settings: Settings = ctx.find_root().obj
     return settings
-
-
-def _with_store(settings: Settings, fn: Callable[[Store], Awaitable[T]]) -> T:
-    async def run() -> T:
-        store = Store(settings)
-        await store.open()
-        try:
-            return await fn(store)
-        finally:
-            await store.close()
-
-    return asyncio.run(run())
 
 
 @click.group()
@@ -94,7 +82,7 @@ def run(ctx: click.Context, once: bool) -> None:
         await asyncio.gather(watch, return_exceptions=True)
         return f"stopped: {worker.sent} sent, {worker.failed} failed"
 
-    click.echo(_with_store(settings, work))
+    click.echo(run_with_store(settings, work))
 
 
 @queue.command("list")
@@ -148,7 +136,7 @@ def list_(ctx: click.Context, statuses: tuple[str, ...], limit: int) -> None:
             )
         Console(width=250).print(table)
 
-    _with_store(_settings(ctx), show)
+    run_with_store(_settings(ctx), show)
 
 
 def _change(
@@ -183,7 +171,7 @@ def _change(
 
         return await store.writer.run(job)
 
-    count = _with_store(settings, apply)
+    count = run_with_store(settings, apply)
     wanted = len(set(ids))
     if ids and count < wanted:
         names = "/".join(s.value for s in from_statuses)
@@ -315,7 +303,7 @@ def delete_(ctx: click.Context, ids: tuple[int, ...]) -> None:
             await asyncio.to_thread(store.blobs.delete, key)
         return count, blobs
 
-    count, blobs = _with_store(settings, apply)
+    count, blobs = run_with_store(settings, apply)
     if count < len(set(ids)):
         click.echo(f"{len(set(ids)) - count} of the given ids are unknown or sent", err=True)
     click.echo(f"{count} recipients deleted, {len(blobs)} messages removed")
