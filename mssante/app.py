@@ -44,6 +44,7 @@ from mssante.store.mailstore import MailStore
 from mssante.store.migrations import prepare_schema
 from mssante.store.reading import read_original
 from mssante.store.writer import Writer
+from mssante.web.server import WebServer
 
 T = TypeVar("T")
 log = logging.getLogger("mssante")
@@ -289,6 +290,10 @@ class Gateway:
             clock=self.clock,
             on_failure=[non_delivery_recorder(self.store)],
         )
+        # The patient webmail (web/), served from the first worker only.
+        self.web: WebServer | None = None
+        if settings.web.enabled:
+            self.web = WebServer(self.store, clock=self.clock, pseudonym=self.pseudonym)
         self._watch: asyncio.Task[None] | None = None
 
     async def start(self, *, notify: bool = True) -> None:
@@ -304,6 +309,11 @@ class Gateway:
         await self.smtp.start()
         for listener in self.submission:
             await listener.start()
+        if self.web is not None and notify:
+            await self.web.start()
+            log.info("webmail listening on %s", self.web.url)
+        else:
+            self.web = None
         self._watch = asyncio.create_task(self._watch_trust_files(), name="trust-watch")
         log.info("SMTP listening on %s:%d", self.settings.smtp.host, self.smtp.port)
 
@@ -317,6 +327,8 @@ class Gateway:
             self._watch.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watch
+        if self.web is not None:
+            await self.web.stop()
         for listener in self.submission:
             await listener.stop()
         await self.smtp.stop()

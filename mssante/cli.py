@@ -27,7 +27,7 @@ from mssante.notify.cli import notify
 from mssante.outbound.cli import queue
 from mssante.routing.ins import InsError, parse_ins
 from mssante.settings import Settings, SettingsError, example_toml, load_settings
-from mssante.store import audit
+from mssante.store import audit, credentials
 from mssante.store import directory as dirops
 from mssante.store.keys import KeyDestroyedError
 from mssante.store.migrations import SchemaError
@@ -41,6 +41,7 @@ from mssante.store.models import (
     ProfileStatus,
 )
 from mssante.store.reading import conversation_names, message_key, view
+from mssante.web.cli import issue_code_command
 from mssante.workers import Supervisor, die_with_parent, install_signals, notify_ready
 
 T = TypeVar("T")
@@ -186,27 +187,36 @@ def store_check(ctx: click.Context, remove_orphans: bool) -> None:
 @main.command()
 @click.pass_context
 def purge(ctx: click.Context) -> None:
-    """Apply retention: purge old trash, finished outbound mail and old audit events."""
+    """Apply retention: old trash, finished outbound mail, old audit events, ended sessions."""
     from mssante.store.retention import purge as run_purge
+    from mssante.store.retention import purge_sessions
 
     settings = _settings(ctx)
 
     async def run(st: Store) -> Any:
-        return await run_purge(
+        now = SystemClock().now()
+        report = await run_purge(
             st.writer,
             st.blobs,
-            now=SystemClock().now(),
+            now=now,
             trash_days=settings.retention.trash_days,
             audit_days=settings.retention.audit_days,
             outbound_days=settings.retention.outbound_days,
             actor="cli",
         )
+        sessions = await purge_sessions(
+            st.writer,
+            now=now,
+            idle_seconds=settings.web.idle_timeout,
+            lockout_seconds=settings.web.lockout_seconds,
+        )
+        return report, sessions
 
-    r = run_with_store(settings, run)
+    r, sessions = run_with_store(settings, run)
     click.echo(
         f"purged {r.deliveries} trashed deliveries, {r.messages} messages, "
         f"{r.conversations} conversations, {r.outbound} finished outbound messages, "
-        f"{r.audit_events} audit events"
+        f"{r.audit_events} audit events, {sessions} ended webmail sessions"
     )
 
 
@@ -510,8 +520,12 @@ def db_upgrade(ctx: click.Context) -> None:
 # --- serve ---------------------------------------------------------------------------
 
 
-async def seed_demo(store: Store) -> int:
-    """Create the demo patients that do not exist yet; return how many were made."""
+async def seed_demo(store: Store, *, passwords: bool = False) -> int:
+    """Create the demo patients that do not exist yet; return how many were made.
+
+    With ``passwords``, the activated demo patients get the webmail password
+    ``demo.PASSWORD`` if they have none (``serve --demo``).
+    """
     clock = SystemClock()
 
     async def job(session: Any) -> int:
@@ -527,13 +541,29 @@ async def seed_demo(store: Store) -> int:
                 await dirops.set_links(session, patient, record, at=clock.now())
         return made
 
-    return await store.writer.run(job)
+    made = await store.writer.run(job)
+    if passwords:
+        for record in demo.DEMO_PATIENTS:
+            if record.status is ProfileStatus.ACTIVATED:
+                async with store.reads() as session:
+                    patient = await dirops.get_patient(session, record.ins)
+                assert patient is not None
+                await credentials.seed_password(store, patient.id, demo.PASSWORD, at=clock.now())
+    return made
 
 
-def _demo_banner(settings: Settings, port: int, submission_port: int | None) -> str:
+def _demo_banner(
+    settings: Settings, port: int, submission_port: int | None, web_url: str | None
+) -> str:
     d = settings.smtp.patient_domain
     where = f"{settings.smtp.host}:{port}"
     submission = f"{settings.submission.host}:{submission_port}" if submission_port else "off"
+    webmail = ""
+    if web_url:
+        webmail = f"""or in the webmail, {web_url}/ :
+  log in as {demo.ACTIVATED} with the password {demo.PASSWORD}
+  (activation of {demo.CREATED_EMAIL}: .venv/bin/mssante patients issue-code --show INS)
+"""
     return f"""
 mssante is running, data in {settings.store.data_dir}
   MX on {where}: STARTTLS and a trust-space operator certificate required
@@ -552,7 +582,7 @@ Send a first message (in another terminal):
   .venv/bin/mssante send-test --port {port}
 Then look at the mailbox:
   .venv/bin/mssante mailbox {demo.ACTIVATED}
-"""
+{webmail}"""
 
 
 @main.command()
@@ -598,9 +628,10 @@ def serve(
         # With several workers, notifications run in the first one only.
         await gateway.start(notify=worker_index == 0)
         if with_demo:
-            await seed_demo(gateway.store)
+            await seed_demo(gateway.store, passwords=True)
             sub = gateway.submission[0].port if gateway.submission else None
-            click.echo(_demo_banner(settings, gateway.smtp.port, sub))
+            web = gateway.web.url if gateway.web is not None else None
+            click.echo(_demo_banner(settings, gateway.smtp.port, sub, web))
         notify_ready(ready_fd)
         await stop.wait()
         await gateway.stop()
@@ -618,7 +649,7 @@ def _supervise(ctx: click.Context, settings: Settings, with_demo: bool) -> None:
         await gateway.store.open()
         try:
             if with_demo:
-                await seed_demo(gateway.store)
+                await seed_demo(gateway.store, passwords=True)
         finally:
             await gateway.store.close()
         supervisor = Supervisor(settings, config_path=ctx.meta.get("config_path"))
@@ -626,7 +657,11 @@ def _supervise(ctx: click.Context, settings: Settings, with_demo: bool) -> None:
         ports = await supervisor.start(settings.smtp.workers)
         click.echo(f"{settings.smtp.workers} workers listening on {settings.smtp.host}")
         if with_demo:
-            click.echo(_demo_banner(settings, ports.smtp, ports.submission))
+            web = None
+            if settings.web.enabled:
+                scheme = "https" if settings.web.tls_cert else "http"
+                web = f"{scheme}://{settings.web.host}:{settings.web.port}"
+            click.echo(_demo_banner(settings, ports.smtp, ports.submission, web))
         watch = asyncio.create_task(supervisor.watch())
         await stop.wait()
         await supervisor.stop()
@@ -785,6 +820,9 @@ def mailbox(ctx: click.Context, ins: str) -> None:
 @main.group()
 def patients() -> None:
     """The patient directory."""
+
+
+patients.add_command(issue_code_command)  # web/cli.py: provisional activation codes
 
 
 @patients.command("show")

@@ -12,6 +12,9 @@ from mssante.routing.ins import with_key
 from mssante.store.directory import PatientRecord
 from mssante.store.models import ProfileStatus
 
+# The webmail password of the activated demo patients (`serve --demo` only).
+PASSWORD = "demo-messagerie-2026"  # noqa: S105 - printed in the Quick start banner
+
 ACTIVATED = with_key("2840575123901")
 CREATED_EMAIL = with_key("1790169123902")
 CREATED_POSTAL = with_key("2920713123903")

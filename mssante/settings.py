@@ -386,6 +386,53 @@ class RetentionSettings(_Section):
     )
 
 
+class WebSettings(_Section):
+    """The patient webmail (issue 8, mssante/web)."""
+
+    enabled: bool = Field(True, description="Serve the webmail from `mssante serve`.")
+    host: str = Field("127.0.0.1", description="Address the webmail binds to.")
+    port: int = Field(8080, ge=0, le=65535, description="Webmail HTTP(S) port.")
+    tls_cert: Path | None = Field(
+        None,
+        description="PEM certificate chain of the webmail (HTTPS, HSTS). Without it the webmail"
+        " speaks plain HTTP: only behind a TLS reverse proxy, or on loopback for development.",
+    )
+    tls_key: Path | None = Field(None, description="PEM private key of tls_cert.")
+    behind_tls_proxy: bool = Field(
+        False,
+        description="A reverse proxy terminates TLS: cookies are marked Secure and HSTS is sent"
+        " although the webmail itself speaks HTTP.",
+    )
+    idle_timeout: float = Field(
+        900.0, gt=0, description="Seconds without a request after which a session ends."
+    )
+    absolute_timeout: float = Field(
+        43_200.0, gt=0, description="Seconds after login after which a session ends in any case."
+    )
+    activation_code_days: int = Field(
+        42, ge=1, le=365, description="Days a provisional activation code stays valid (6 weeks)."
+    )
+    activation_code_attempts: int = Field(
+        5, ge=1, le=20, description="Wrong tries after which a provisional code is spent."
+    )
+    email_code_minutes: int = Field(
+        30, ge=1, le=1440, description="Minutes an e-mail confirmation code stays valid."
+    )
+    login_failures: int = Field(
+        5, ge=1, le=100, description="Failed logins per identifier before a temporary lockout."
+    )
+    login_failures_per_address: int = Field(
+        50, ge=1, description="Failed logins per client address before a temporary lockout."
+    )
+    lockout_seconds: float = Field(900.0, gt=0, description="How long a lockout lasts, in seconds.")
+    page_size: int = Field(25, ge=5, le=200, description="Conversations per page of the list.")
+    max_upload: int = Field(
+        20_000_000,
+        ge=1,
+        description="Largest request body accepted (a reply form with its attachments), octets.",
+    )
+
+
 class Settings(_Section):
     smtp: SmtpSettings = Field(default_factory=SmtpSettings)
     submission: SubmissionSettings = Field(default_factory=SubmissionSettings)
@@ -397,6 +444,7 @@ class Settings(_Section):
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
     limits: LimitsSettings = Field(default_factory=LimitsSettings)
     dkim: DkimSettings = Field(default_factory=DkimSettings)
+    web: WebSettings = Field(default_factory=WebSettings)
 
 
 class SettingsError(Exception):

@@ -25,6 +25,7 @@ from mssante.settings import (
     StoreSettings,
     SubmissionSettings,
     TrustSettings,
+    WebSettings,
 )
 from tests import pg
 
@@ -64,6 +65,8 @@ def make_settings(
         # of notifications and of the outbound queue run the passes themselves.
         notify=NotifySettings(worker_enabled=False),
         outbound=OutboundSettings(worker_enabled=False),
+        # The webmail is started by the tests that use it (tests/webmail.py).
+        web=WebSettings(enabled=False, port=0),
     )
 
 

@@ -12,12 +12,12 @@ from datetime import UTC, date, datetime, timedelta
 import pytest
 from pypdf import PdfReader
 
+from mssante.french import french_date
 from mssante.notify.letter import (
     Access,
     Letter,
     LetterEvent,
     count_pages,
-    french_date,
     printable,
     render,
 )

@@ -159,3 +159,54 @@ async def test_purge_finished_outbound_mail_only(gateway: Gateway, clock: FakeCl
     for key in (waiting_blob, held_blob, recent_blob):
         assert store.blobs.path_of(key).exists()
     assert (await check_store(store.reads, store.blobs, store.keyring)).problems == []
+
+
+async def test_purge_ended_webmail_sessions_and_spent_throttles(
+    gateway: Gateway, clock: FakeClock
+) -> None:
+    """Ended sessions (idle or past their end) go, live ones stay; spent throttle rows go."""
+    from datetime import timedelta
+
+    from mssante.store.models import LoginThrottle, WebSession
+    from mssante.store.retention import purge_sessions
+
+    now = clock.now()
+    rows = {
+        "live": (now - timedelta(seconds=60), now + timedelta(hours=1)),
+        "idle": (now - timedelta(seconds=901), now + timedelta(hours=1)),
+        "over": (now - timedelta(seconds=10), now - timedelta(seconds=1)),
+    }
+
+    async def seed(session: Any) -> None:
+        for name, (seen, expires) in rows.items():
+            session.add(
+                WebSession(
+                    id=name,
+                    patient_id=None,
+                    acting_for=None,
+                    csrf="x",
+                    state={},
+                    created_at=now - timedelta(hours=2),
+                    last_seen_at=seen,
+                    expires_at=expires,
+                )
+            )
+        session.add(LoginThrottle(key="spent", failures=3, window_start=now - timedelta(hours=1)))
+        session.add(
+            LoginThrottle(
+                key="locked",
+                failures=5,
+                window_start=now - timedelta(hours=1),
+                locked_until=now + timedelta(minutes=5),
+            )
+        )
+        session.add(LoginThrottle(key="recent", failures=1, window_start=now))
+
+    await gateway.store.writer.run(seed)
+    deleted = await purge_sessions(
+        gateway.store.writer, now=now, idle_seconds=900, lockout_seconds=900
+    )
+    assert deleted == 2
+    async with gateway.store.reads() as s:
+        assert set(await s.scalars(select(WebSession.id))) == {"live"}
+        assert set(await s.scalars(select(LoginThrottle.key))) == {"locked", "recent"}

@@ -29,7 +29,6 @@ from datetime import datetime
 from functools import cache
 from pathlib import Path
 from xml.sax.saxutils import escape
-from zoneinfo import ZoneInfo
 
 import reportlab
 from reportlab.lib import colors
@@ -50,8 +49,9 @@ from reportlab.platypus import (
     TableStyle,
 )
 
+from mssante.french import PARIS, french_date
+
 # Letters are for French patients: dates are shown in Paris time.
-PARIS = ZoneInfo("Europe/Paris")
 
 FONT = "MssanteVera"
 FONT_BOLD = "MssanteVera-Bold"
@@ -66,21 +66,6 @@ FIRST_FOLD = 99 * mm
 
 NEW_MESSAGE = "Nouveau message reçu"
 UNKNOWN_SENDER = "Professionnel de santé"
-
-_MONTHS = (
-    "janvier",
-    "février",
-    "mars",
-    "avril",
-    "mai",
-    "juin",
-    "juillet",
-    "août",
-    "septembre",
-    "octobre",
-    "novembre",
-    "décembre",
-)
 
 
 class Access(enum.Enum):
@@ -127,11 +112,6 @@ class RenderedLetter:
 
 def child_mailbox(given_name: str) -> str:
     return f"la messagerie de votre enfant {given_name}".rstrip()
-
-
-def french_date(d: dt.date) -> str:
-    day = "1er" if d.day == 1 else str(d.day)
-    return f"{day} {_MONTHS[d.month - 1]} {d.year}"
 
 
 def short_date(at: datetime) -> str:

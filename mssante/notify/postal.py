@@ -56,8 +56,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from mssante.clock import Clock
 from mssante.durable import write_file
+from mssante.french import PARIS
 from mssante.notify.letter import (
-    PARIS,
     Access,
     Letter,
     LetterEvent,

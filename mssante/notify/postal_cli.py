@@ -12,7 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from mssante.app import Store
 from mssante.clock import SystemClock
-from mssante.notify.letter import PARIS
+from mssante.french import PARIS
 from mssante.notify.postal import (
     BatchError,
     LetterStyle,

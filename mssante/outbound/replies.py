@@ -64,7 +64,7 @@ import enum
 import re
 import secrets
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from email.headerregistry import Address
 from email.message import EmailMessage
@@ -599,14 +599,21 @@ async def reply(
     attachments: list[Attachment],
     author_patient_id: int | None = None,
     to: str | None = None,
+    subject: str | None = None,
     at: datetime,
 ) -> ReplyResult:
-    """Queue the patient's reply in conversation ``conversation_id``, or say why not."""
+    """Queue the patient's reply in conversation ``conversation_id``, or say why not.
+
+    With ``subject``, a *new message* (MES NEW_MESSAGE) to the same
+    professional, under the same rules: its own subject and no
+    In-Reply-To/References, so the professional's software starts a new thread.
+    """
     settings = store.settings
     domain = settings.smtp.patient_domain
+    new_subject = " ".join((subject or "").split())[:200]
 
     async def decide(session: AsyncSession) -> _Plan | Refused:
-        return await _plan(
+        plan = await _plan(
             session,
             store.keyring,
             patient_domain=domain,
@@ -615,6 +622,9 @@ async def reply(
             author_patient_id=author_patient_id,
             to=to,
         )
+        if new_subject and isinstance(plan, _Plan):
+            plan = replace(plan, subject=new_subject, in_reply_to=None, references=())
+        return plan
 
     for _ in range(_ATTEMPTS):
         async with store.reads() as session:

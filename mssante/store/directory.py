@@ -99,7 +99,8 @@ async def upsert_patient(
     patient = await get_patient(session, record.ins)
     fields = {
         "status": record.status,
-        "activation_email": record.activation_email,
+        # Lower-case: the webmail logs in by it (store/credentials.py).
+        "activation_email": record.activation_email and record.activation_email.lower(),
         "insurer_email": record.insurer_email,
         "given_name": record.given_name,
         "family_name": record.family_name,

@@ -119,7 +119,8 @@ class Patient(Base):
     status: Mapped[ProfileStatus] = mapped_column(_enum(ProfileStatus))
     # DOMAIN.md 3: activated -> address registered at activation;
     # created -> address known to the insurer, else postal.
-    activation_email: Mapped[str | None] = mapped_column(String(320))
+    # Stored lower-case (import, activation): the webmail logs in by it (indexed).
+    activation_email: Mapped[str | None] = mapped_column(String(320), index=True)
     insurer_email: Mapped[str | None] = mapped_column(String(320))
     email_invalid: Mapped[bool] = mapped_column(Boolean, default=False)
     # Name and postal block are what a postal activity statement needs.
@@ -194,7 +195,10 @@ class Conversation(Base):
     """DOMAIN.md 4: a patient's exchange with one professional."""
 
     __tablename__ = "conversations"
-    __table_args__ = (Index("ix_conversations_patient_professional", "patient_id", "professional"),)
+    __table_args__ = (
+        Index("ix_conversations_patient_professional", "patient_id", "professional"),
+        Index("ix_conversations_patient_last", "patient_id", "last_message_at"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     patient_id: Mapped[int] = mapped_column(ForeignKey("patients.id", ondelete="CASCADE"))
@@ -451,3 +455,80 @@ class Account(Base):
     def may_send_as(self, sender: str) -> bool:
         sender = sender.lower()
         return sender == self.address or sender in self.aliases
+
+
+# --- webmail (issue 8) -----------------------------------------------------------------
+
+
+class PatientCredentials(Base):
+    """How a patient logs in to the webmail, once the profile is activated.
+
+    The password is an argon2id hash; the TOTP secret (optional second
+    factor) is sealed under the patient's data key, so a copy of the
+    database alone gives neither.
+    """
+
+    __tablename__ = "patient_credentials"
+
+    patient_id: Mapped[int] = mapped_column(
+        ForeignKey("patients.id", ondelete="CASCADE"), primary_key=True
+    )
+    password_hash: Mapped[str] = mapped_column(String(200))
+    totp_sealed: Mapped[bytes | None] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+
+
+class ActivationCode(Base):
+    """A provisional code (``mssante patients issue-code``), stored hashed.
+
+    Valid ``web.activation_code_days`` (6 weeks); ``attempts`` wrong tries
+    spend it; issuing a new one revokes the previous ones.
+    """
+
+    __tablename__ = "activation_codes"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    patient_id: Mapped[int] = mapped_column(
+        ForeignKey("patients.id", ondelete="CASCADE"), index=True
+    )
+    code_hash: Mapped[str] = mapped_column(String(200))
+    channel: Mapped[Channel] = mapped_column(_enum(Channel))
+    created_at: Mapped[datetime]
+    expires_at: Mapped[datetime]
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    used_at: Mapped[datetime | None]
+    revoked_at: Mapped[datetime | None]
+
+
+class WebSession(Base):
+    """A webmail session, kept on the server: the cookie holds a random token
+    whose SHA-256 is ``id``.  ``patient_id`` is None before login (the
+    activation steps keep their progress in ``state``); ``acting_for`` is the
+    mailbox being read (the patient's own, or a represented minor's)."""
+
+    __tablename__ = "web_sessions"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    patient_id: Mapped[int | None] = mapped_column(
+        ForeignKey("patients.id", ondelete="CASCADE"), index=True
+    )
+    acting_for: Mapped[int | None] = mapped_column(Integer)
+    csrf: Mapped[str] = mapped_column(String(64))
+    state: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime]
+    last_seen_at: Mapped[datetime]
+    expires_at: Mapped[datetime]
+
+
+class LoginThrottle(Base):
+    """Failed attempts per keyed hash of an identifier (INS, e-mail address or
+    client address): the same counters whether the identifier exists or not,
+    so the answers tell nothing about who has an account."""
+
+    __tablename__ = "login_throttle"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    failures: Mapped[int] = mapped_column(Integer, default=0)
+    window_start: Mapped[datetime]
+    locked_until: Mapped[datetime | None]

@@ -376,6 +376,8 @@ class _RowParser:
             activation_email = self._simple_email(activation_email)
             if activation_email is None:
                 return None
+            # Lower-case: the webmail logs in by it (store/credentials.py).
+            activation_email = activation_email.lower()
         elif status == "activated":
             return None
         insurer_email = get("insurer_email") or None
@@ -431,6 +433,8 @@ class _RowParser:
         ins = self._ins(get("ins"), problems)
         status = self._status(get("status"), problems)
         activation_email = self._email_field("activation_email", get("activation_email"), problems)
+        if activation_email is not None:
+            activation_email = activation_email.lower()  # the webmail logs in by it
         bad_activation_email = bool(problems) and problems[-1].startswith("activation_email:")
         # DOMAIN.md 3: an activated profile is notified at its activation address.
         if (

@@ -12,7 +12,9 @@
   one deleted becomes the chain's anchor (``audit_anchor``) and is named in
   the purge's own audit event, so verification still proves the rest.
 
-Each purge is itself audited.
+Each purge is itself audited.  Ended webmail sessions and spent login
+throttles are deleted too (:func:`purge_sessions`, not audited: they hold
+no patient data).
 """
 
 from __future__ import annotations
@@ -31,10 +33,12 @@ from mssante.store.models import (
     AuditEvent,
     Conversation,
     Delivery,
+    LoginThrottle,
     Message,
     OutboundMessage,
     OutboundRecipient,
     OutboundStatus,
+    WebSession,
 )
 from mssante.store.writer import Writer
 
@@ -187,3 +191,31 @@ async def purge(
 
     await asyncio.to_thread(delete_blobs)
     return report
+
+
+async def purge_sessions(
+    writer: Writer, *, now: datetime, idle_seconds: float, lockout_seconds: float
+) -> int:
+    """Delete ended webmail sessions and spent login-throttle rows; return the sessions deleted.
+
+    Sessions already refuse to serve once timed out (web/sessions.py); this
+    only keeps the tables small.  Not audited: no patient data is removed.
+    """
+
+    async def job(session: AsyncSession) -> int:
+        idle = now - timedelta(seconds=idle_seconds)
+        ended = await session.execute(
+            delete(WebSession).where(
+                (WebSession.expires_at <= now) | (WebSession.last_seen_at <= idle)
+            )
+        )
+        spent = now - timedelta(seconds=lockout_seconds)
+        await session.execute(
+            delete(LoginThrottle).where(
+                LoginThrottle.window_start <= spent,
+                (LoginThrottle.locked_until.is_(None)) | (LoginThrottle.locked_until <= now),
+            )
+        )
+        return int(getattr(ended, "rowcount", 0) or 0)
+
+    return await writer.run(job)

@@ -1,0 +1,1 @@
+"""The patient webmail (issue 8): server-rendered pages in French."""
