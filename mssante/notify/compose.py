@@ -133,27 +133,39 @@ def html_body(mail: NotificationEmail, sender: Sender) -> str:
     e = html.escape
     how, link_text, url = _how_to_read(mail, sender)
     news = "\n".join(f"<p>{e(line)}</p>" for line in _news(mail))
-    footer = "\n".join(f"<p>{e(line)}</p>" for line in _FOOTER)
-    title = e(subject(mail))
+    inner = f"""{news}
+<p>{e(how)}</p>
+{button(link_text, url)}
+<p>Si le bouton ne fonctionne pas, copiez cette adresse dans votre navigateur :
+<a href="{e(url, quote=True)}" style="color:{_ACCENT}">{e(url)}</a></p>"""
+    return html_page(subject(mail), inner, _FOOTER)
+
+
+def button(text: str, url: str) -> str:
+    """A link styled as a button (mail clients ignore style sheets: inline styles)."""
+    e = html.escape
+    return f"""<p><a href="{e(url, quote=True)}" style="display:inline-block;padding:0.75em 1.25em;\
+background:{_ACCENT};color:#ffffff;font-weight:bold;text-decoration:underline;\
+border-radius:4px">{e(text)}</a></p>"""
+
+
+def html_page(title: str, inner: str, footer_lines: tuple[str, ...]) -> str:
+    """The HTML part of a service e-mail: ``inner`` (already escaped) in the common frame."""
+    e = html.escape
+    footer = "\n".join(f"<p>{e(line)}</p>" for line in footer_lines)
     return f"""<!DOCTYPE html>
 <html lang="fr">
 <head>
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{title}</title>
+<title>{e(title)}</title>
 </head>
 <body style="margin:0;padding:0;background:#ffffff;color:{_TEXT};\
 font-family:Arial,Helvetica,sans-serif;font-size:16px;line-height:1.5">
 <main style="max-width:36em;margin:0 auto;padding:1.5em">
-<h1 style="font-size:1.4em;line-height:1.3;color:{_TEXT}">{title}</h1>
+<h1 style="font-size:1.4em;line-height:1.3;color:{_TEXT}">{e(title)}</h1>
 <p>Bonjour,</p>
-{news}
-<p>{e(how)}</p>
-<p><a href="{e(url, quote=True)}" style="display:inline-block;padding:0.75em 1.25em;\
-background:{_ACCENT};color:#ffffff;font-weight:bold;text-decoration:underline;\
-border-radius:4px">{e(link_text)}</a></p>
-<p>Si le bouton ne fonctionne pas, copiez cette adresse dans votre navigateur :
-<a href="{e(url, quote=True)}" style="color:{_ACCENT}">{e(url)}</a></p>
+{inner}
 </main>
 <footer style="max-width:36em;margin:0 auto;padding:0 1.5em 1.5em;color:{_MUTED};\
 font-size:14px">
@@ -164,21 +176,41 @@ font-size:14px">
 """
 
 
-def compose(mail: NotificationEmail, sender: Sender, *, message_id: str, at: datetime) -> bytes:
-    """The e-mail as it goes on the wire (CRLF), before the DKIM signature."""
+def service_email(
+    sender: Sender,
+    *,
+    to: str,
+    subject: str,
+    text: str,
+    html_part: str,
+    message_id: str,
+    at: datetime,
+) -> bytes:
+    """A service e-mail as it goes on the wire (CRLF), before the DKIM signature."""
     msg = EmailMessage(policy=email.policy.SMTP)
     msg["From"] = Address(display_name=sender.name, addr_spec=sender.address)
-    msg["To"] = mail.to
-    msg["Subject"] = subject(mail)
+    msg["To"] = to
+    msg["Subject"] = subject
     msg["Date"] = format_datetime(at)
     msg["Message-ID"] = message_id
     # RFC 3834 5: a machine wrote this; autoresponders must not answer it.
     msg["Auto-Submitted"] = "auto-generated"
     msg["X-Auto-Response-Suppress"] = "All"  # the same for Exchange
-    msg.set_content(text_body(mail, sender), charset="utf-8", cte="quoted-printable")
-    msg.add_alternative(
-        html_body(mail, sender), subtype="html", charset="utf-8", cte="quoted-printable"
-    )
+    msg.set_content(text, charset="utf-8", cte="quoted-printable")
+    msg.add_alternative(html_part, subtype="html", charset="utf-8", cte="quoted-printable")
     # After the parts are made: set_content() moves Content-* fields into them.
     msg["Content-Language"] = "fr"
     return msg.as_bytes()
+
+
+def compose(mail: NotificationEmail, sender: Sender, *, message_id: str, at: datetime) -> bytes:
+    """The e-mail as it goes on the wire (CRLF), before the DKIM signature."""
+    return service_email(
+        sender,
+        to=mail.to,
+        subject=subject(mail),
+        text=text_body(mail, sender),
+        html_part=html_body(mail, sender),
+        message_id=message_id,
+        at=at,
+    )

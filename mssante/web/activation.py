@@ -19,15 +19,11 @@ from __future__ import annotations
 
 import asyncio
 import csv
-import email.policy
 import fcntl
 import html
 import io
 from dataclasses import dataclass
 from datetime import datetime
-from email.headerregistry import Address
-from email.message import EmailMessage
-from email.utils import format_datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 from xml.sax.saxutils import escape
@@ -41,7 +37,7 @@ from reportlab.platypus import BaseDocTemplate, Flowable, Frame, PageTemplate, P
 from mssante.clock import Clock
 from mssante.durable import write_file
 from mssante.french import PARIS, french_date, french_datetime
-from mssante.notify.compose import Sender
+from mssante.notify.compose import Sender, button, html_page, service_email
 from mssante.notify.letter import (
     ADDRESS_LEFT,
     ADDRESS_LINES,
@@ -78,7 +74,6 @@ if TYPE_CHECKING:
 # Who letters are from by default, as `mssante notify postal-batch` (notify/postal_cli.py).
 SERVICE_NAME = "Mon espace santé"
 # As notify/compose.py: text #1a1a1a, muted #4a4a4a, accent #0a4a8f on white (AAA).
-_TEXT, _MUTED, _ACCENT = "#1a1a1a", "#4a4a4a", "#0a4a8f"
 
 
 class NoChannelError(ValueError):
@@ -180,58 +175,28 @@ def html_body(message: CodeMessage) -> str:
     e = html.escape
     before = "\n".join(f"<p>{e(t)}</p>" for t in message.before)
     after = "\n".join(f"<p>{e(t)}</p>" for t in message.after)
-    footer = "\n".join(f"<p>{e(t)}</p>" for t in _FOOTER)
-    link = ""
-    if message.link is not None:
-        text, url = message.link
-        link = f"""<p><a href="{e(url, quote=True)}" style="display:inline-block;\
-padding:0.75em 1.25em;background:{_ACCENT};color:#ffffff;font-weight:bold;\
-text-decoration:underline;border-radius:4px">{e(text)}</a></p>"""
-    title = e(message.subject)
-    return f"""<!DOCTYPE html>
-<html lang="fr">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{title}</title>
-</head>
-<body style="margin:0;padding:0;background:#ffffff;color:{_TEXT};\
-font-family:Arial,Helvetica,sans-serif;font-size:16px;line-height:1.5">
-<main style="max-width:36em;margin:0 auto;padding:1.5em">
-<h1 style="font-size:1.4em;line-height:1.3;color:{_TEXT}">{title}</h1>
-<p>Bonjour,</p>
-{before}
+    link = button(*message.link) if message.link is not None else ""
+    inner = f"""{before}
 <p style="font-family:'Courier New',Courier,monospace;font-size:1.6em;font-weight:bold;\
-letter-spacing:0.1em;color:{_TEXT}">{e(message.code)}</p>
+letter-spacing:0.1em">{e(message.code)}</p>
 {after}
-{link}
-</main>
-<footer style="max-width:36em;margin:0 auto;padding:0 1.5em 1.5em;color:{_MUTED};\
-font-size:14px">
-{footer}
-</footer>
-</body>
-</html>
-"""
+{link}"""
+    return html_page(message.subject, inner, _FOOTER)
 
 
 def compose(
     message: CodeMessage, sender: Sender, *, to: str, message_id: str, at: datetime
 ) -> bytes:
     """The e-mail as it goes on the wire (CRLF), before the DKIM signature."""
-    msg = EmailMessage(policy=email.policy.SMTP)
-    msg["From"] = Address(display_name=sender.name, addr_spec=sender.address)
-    msg["To"] = to
-    msg["Subject"] = message.subject
-    msg["Date"] = format_datetime(at)
-    msg["Message-ID"] = message_id
-    # RFC 3834 5: a machine wrote this; autoresponders must not answer it.
-    msg["Auto-Submitted"] = "auto-generated"
-    msg["X-Auto-Response-Suppress"] = "All"
-    msg.set_content(text_body(message), charset="utf-8", cte="quoted-printable")
-    msg.add_alternative(html_body(message), subtype="html", charset="utf-8", cte="quoted-printable")
-    msg["Content-Language"] = "fr"
-    return msg.as_bytes()
+    return service_email(
+        sender,
+        to=to,
+        subject=message.subject,
+        text=text_body(message),
+        html_part=html_body(message),
+        message_id=message_id,
+        at=at,
+    )
 
 
 def _sender(settings: Settings) -> Sender:
