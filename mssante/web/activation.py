@@ -73,7 +73,6 @@ if TYPE_CHECKING:
 
 # Who letters are from by default, as `mssante notify postal-batch` (notify/postal_cli.py).
 SERVICE_NAME = "Mon espace santé"
-# As notify/compose.py: text #1a1a1a, muted #4a4a4a, accent #0a4a8f on white (AAA).
 
 
 class NoChannelError(ValueError):

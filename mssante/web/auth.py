@@ -30,7 +30,7 @@ from starlette.routing import Route
 from mssante.routing.ins import InsError, parse_ins
 from mssante.store import audit, credentials
 from mssante.store.models import Patient
-from mssante.web import activation, sessions
+from mssante.web import activation, pages, sessions
 from mssante.web.context import Web, web
 from mssante.web.forms import Errors, read_form, text
 from mssante.web.views import french_datetime, logged_in, page, redirect
@@ -77,7 +77,8 @@ async def login(request: Request) -> Response:
     w = web(request)
     current = await sessions.load(request)
     if request.method == "GET":
-        if current is not None and current.patient_id is not None and not current.state:
+        pending = current is not None and current.state.get("pending_totp")
+        if current is not None and current.patient_id is not None and not pending:
             return redirect("/messages")
         info = {"logout": "Vous êtes déconnecté.", "closed": None}.get(
             request.query_params.get("info", "")
@@ -85,7 +86,8 @@ async def login(request: Request) -> Response:
         return await page(
             request, "login.html", {"title": "Connexion", "errors": Errors(), "info": info}
         )
-    form = await read_form(request, current if current and current.patient_id is None else None)
+    # The token the form was shown with: the session's whenever there is one (views.page).
+    form = await read_form(request, current)
     identifier = text(form, "identifiant", limit=320)
     password = text(form, "mot_de_passe", limit=1000)
     errors = Errors()
@@ -187,7 +189,7 @@ async def activate_start(request: Request) -> Response:
     errors = Errors()
     values = {"ins": "", "jour": "", "mois": "", "annee": ""}
     if request.method == "POST":
-        form = await read_form(request, current if current and current.patient_id is None else None)
+        form = await read_form(request, current)
         values = {k: text(form, k, limit=40) for k in values}
         code = text(form, "code", limit=40)
         parsed = parse_ins("".join(values["ins"].split()).upper())
@@ -340,6 +342,8 @@ async def account(request: Request) -> Response:
             "nav": "compte",
             "patient": patient,
             "totp": totp,
+            # Where /compte/double-authentification sends back (?info=totp, totp_off).
+            "info": pages.info(request),
         },
     )
 

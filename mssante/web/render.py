@@ -20,6 +20,11 @@ Attachments are the leaves that :mod:`mssante.store.mime` counts as such
 ``text/*``; a nested ``message/rfc822`` is one attachment), numbered in walk
 order from 0; URLs carry that number, so it must not change between
 :func:`parse` and :func:`attachment`.
+
+Cost: the ``email`` package is quadratic on some hostile inputs (header
+parameters, deeply nested multiparts).  MIME parameter fields are read
+bounded (:data:`MAX_MIME_FIELD`) and a message nested too deep for its size
+(:data:`MAX_NESTING_COST`) is not MIME-parsed but shown as text.
 """
 
 from __future__ import annotations
@@ -34,8 +39,9 @@ from dataclasses import dataclass
 from email import policy
 from email.generator import BytesGenerator
 from email.header import decode_header, make_header
-from email.message import EmailMessage, Message
+from email.message import Message
 from email.parser import BytesParser
+from email.policy import EmailPolicy
 from typing import Final, Literal, TypeAlias, TypeVar
 
 import nh3
@@ -59,6 +65,18 @@ XDM_PREFIX: Final = "XDM/1.0/DDM+"
 NO_SUBJECT: Final = "(sans objet)"
 MAX_FILENAME: Final = 200
 """Longest file name shown or sent (characters, extension kept)."""
+MAX_MIME_FIELD: Final = 2048
+"""Characters of a Content-Type / Content-Disposition field that are read."""
+MAX_MIME_PARAMETERS: Final = 64
+"""Parameters of such a field that are read (RFC 2231 continuations included)."""
+MAX_NESTING: Final = 50
+"""Multipart bodies open at once beyond which a message is shown as text."""
+MAX_NESTING_COST: Final = 10_000_000
+"""Open multipart bodies x lines beyond which a message is shown as text.
+
+The ``email`` feed parser tests every line against every open boundary: a
+hostile message 100 levels deep with 100,000 short lines takes 5 s.
+"""
 OCTET_STREAM: Final = "application/octet-stream"
 
 _T = TypeVar("_T")
@@ -114,7 +132,8 @@ _DROP_WITH_CONTENT: Final = frozenset(
     }
 )
 # No class or id (no clobbering of the page's names or styles), no style, no
-# event handler: the only attributes there are.
+# event handler, no title (its value would be the one place where text from
+# the message is not entity-escaped: "<" stays "<" in attribute values).
 _ATTRIBUTES: Final = {"a": {"href"}, "td": {"colspan", "rowspan"}, "th": {"colspan", "rowspan"}}
 
 _CLEANER: Final = nh3.Cleaner(
@@ -191,14 +210,15 @@ def display_subject(subject: str | None) -> str:
 def parse(raw: bytes) -> DisplayMessage:
     """What the webmail shows of ``raw``; never raises."""
     try:
-        message = _parse(raw)
-        pieces = _body(message, 0)
+        root = _tree(raw)
+        if root is None:
+            return DisplayMessage(None, _fallback_text(raw), [])
         attachments = [
-            AttachmentInfo(index, _display_filename(part, index), _content_type(part), len(data))
-            for index, part in enumerate(_attachment_parts(message))
-            for data in (_leaf_bytes(part),)
+            AttachmentInfo(index, _display_filename(node, index), node.content_type, len(data))
+            for index, node in enumerate(_attachments(root))
+            for data in (_leaf_bytes(node.part),)
         ]
-        html_body, text_body = _render(pieces)
+        html_body, text_body = _render(_body(root))
         if html_body is None and text_body is None and not attachments:
             text_body = _fallback_text(raw)
         return DisplayMessage(html_body, text_body, attachments)
@@ -211,14 +231,14 @@ def attachment(raw: bytes, index: int) -> AttachmentFile | None:
     if index < 0:
         return None
     try:
-        message = _parse(raw)
-        for position, part in enumerate(_attachment_parts(message)):
+        root = _tree(raw)
+        if root is None:
+            return None
+        for position, node in enumerate(_attachments(root)):
             if position == index:
-                data = _leaf_bytes(part)
-                declared = _content_type(part)
-                return AttachmentFile(
-                    _display_filename(part, index), _served_type(declared, data), data
-                )
+                data = _leaf_bytes(node.part)
+                served = _served_type(node.content_type, data)
+                return AttachmentFile(_display_filename(node, index), served, data)
     except Exception:
         return None
     return None
@@ -237,7 +257,154 @@ def content_disposition(filename: str) -> str:
     return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{encoded}"
 
 
-# --------------------------------------------------------------------------- structure
+# --------------------------------------------------------------------------- parsing
+
+_MIME_FIELDS: Final = frozenset(
+    {"content-type", "content-disposition", "content-transfer-encoding"}
+)
+
+
+class _ReadingPolicy(EmailPolicy):
+    """``policy.default``, except that the MIME fields are read as plain strings.
+
+    The default policy's header parser is quadratic on hostile parameter
+    lists (16 KB of ";" take 6 s); these fields are cut to
+    :data:`MAX_MIME_FIELD` characters and :data:`MAX_MIME_PARAMETERS`
+    parameters and read by ``Message``'s compat32 parameter code, as
+    :mod:`mssante.store.mime` reads them.
+    """
+
+    def header_fetch_parse(self, name: str, value: str) -> str:
+        if name.lower() not in _MIME_FIELDS:
+            parsed: str = super().header_fetch_parse(name, value)
+            return parsed
+        value = value[:MAX_MIME_FIELD].replace("\r", "").replace("\n", "")
+        cut = -1
+        for _ in range(MAX_MIME_PARAMETERS + 1):
+            cut = value.find(";", cut + 1)
+            if cut < 0:
+                return value
+        return value[:cut]
+
+
+_POLICY: Final = _ReadingPolicy()
+
+_MIME_MARKERS: Final = re.compile(
+    rb"boundary\*?\d*\*?[ \t]*=[ \t]*(?:\"([^\"\r\n]*)\"|([^\s;\"]*))|^--([^\r\n]*?)[ \t]*\r?$",
+    re.IGNORECASE | re.MULTILINE,
+)
+
+
+def _nesting(raw: bytes) -> int:
+    """How many multipart bodies the feed parser may keep open at once (an upper bound).
+
+    Every boundary parameter opens one; a delimiter line closes those opened
+    after its own (RFC 2046 5.1.1: an inner part ends at the outer
+    delimiter), a close delimiter its own too.  Stops counting past
+    :data:`MAX_NESTING`.
+    """
+    open_boundaries: list[bytes] = []
+    deepest = 0
+    for match in _MIME_MARKERS.finditer(raw):
+        line = match.group(3)
+        if line is None:
+            declared = match.group(1)
+            open_boundaries.append(declared if declared is not None else match.group(2))
+            deepest = max(deepest, len(open_boundaries))
+            if deepest > MAX_NESTING:
+                break
+            continue
+        closing = line.endswith(b"--")
+        for level in range(len(open_boundaries) - 1, -1, -1):
+            if open_boundaries[level] == line:
+                del open_boundaries[level + 1 :]
+                break
+            if closing and open_boundaries[level] == line[:-2]:
+                del open_boundaries[level:]
+                break
+    return deepest
+
+
+def _parse(raw: bytes) -> Message | None:
+    """The parsed message, or None when parsing it would cost too much."""
+    depth = _nesting(raw)
+    if depth > MAX_NESTING or depth * raw.count(b"\n") > MAX_NESTING_COST:
+        return None
+    return BytesParser(policy=_POLICY).parsebytes(raw)  # EmailMessage objects
+
+
+@dataclass(frozen=True, slots=True)
+class _Node:
+    """A part with its MIME fields read once."""
+
+    part: Message
+    content_type: str
+    disposition: str | None
+    filename: str | None
+    """Declared file name, decoded, None when absent or empty."""
+    children: list[_Node] | None
+    """Parts of a multipart; None for a leaf, a broken or a too-deep multipart."""
+
+    @property
+    def maintype(self) -> str:
+        return self.content_type.partition("/")[0]
+
+    @property
+    def subtype(self) -> str:
+        return self.content_type.partition("/")[2]
+
+    @property
+    def is_attachment(self) -> bool:
+        """The rule of :mod:`mssante.store.mime`, for a part that is not multipart."""
+        return (
+            self.disposition == "attachment"
+            or self.filename is not None
+            or (self.maintype != "text")
+        )
+
+
+def _tree(raw: bytes) -> _Node | None:
+    message = _parse(raw)
+    return None if message is None else _node(message, 0)
+
+
+def _node(part: Message, depth: int) -> _Node:
+    content_type = _guard(lambda: part.get_content_type().lower(), part.get_default_type())
+    children = None
+    # Nesting followed as deep as the store follows it: same numbering.
+    if content_type.startswith("multipart/") and part.is_multipart() and depth < MAX_DEPTH:
+        payload = part.get_payload()
+        if isinstance(payload, list):
+            children = [_node(child, depth + 1) for child in payload if isinstance(child, Message)]
+    return _Node(
+        part=part,
+        content_type=content_type,
+        disposition=_guard(part.get_content_disposition, None),
+        filename=_guard(lambda: _declared_filename(part), None),
+        children=children,
+    )
+
+
+def _attachments(root: _Node) -> Iterator[_Node]:
+    """Attachments in walk order (the numbering URLs use)."""
+    count = 0
+    for node in _leaves(root):
+        if node.is_attachment:
+            if count >= MAX_ATTACHMENTS:  # the store lists no more either
+                return
+            count += 1
+            yield node
+
+
+def _leaves(node: _Node) -> Iterator[_Node]:
+    if node.maintype != "multipart":
+        yield node
+    elif node.children is not None:
+        for child in node.children:
+            yield from _leaves(child)
+
+
+# --------------------------------------------------------------------------- the body
 
 _Kind: TypeAlias = Literal["html", "plain", "other", "raw"]
 _RANK: Final[dict[_Kind, int]] = {"html": 3, "plain": 2, "other": 1, "raw": 0}
@@ -249,97 +416,45 @@ class _Piece:
     text: str
 
 
-def _parse(raw: bytes) -> EmailMessage:
-    return BytesParser(EmailMessage, policy=policy.default).parsebytes(raw)
-
-
-def _children(part: Message) -> list[Message] | None:
-    """The parts of a multipart entity; None when it is not one or is broken."""
-    if not part.is_multipart():
-        return None
-    payload = part.get_payload()
-    if not isinstance(payload, list):
-        return None
-    return [child for child in payload if isinstance(child, Message)]
-
-
-def _is_multipart(part: Message) -> bool:
-    return _maintype(part) == "multipart"
-
-
-def _is_attachment(part: Message) -> bool:
-    """The rule of :mod:`mssante.store.mime`, for a non-multipart part."""
-    return (
-        _disposition(part) == "attachment"
-        or _raw_filename(part) is not None
-        or _maintype(part) != "text"
-    )
-
-
-def _attachment_parts(message: Message) -> Iterator[Message]:
-    """Attachments in walk order (the numbering URLs use)."""
-    count = 0
-    for part in _leaves(message, 0):
-        if _is_attachment(part):
-            if count >= MAX_ATTACHMENTS:  # the store lists no more either
-                return
-            count += 1
-            yield part
-
-
-def _leaves(part: Message, depth: int) -> Iterator[Message]:
-    """Non-multipart parts in walk order; nesting followed as deep as the store does."""
-    if not _is_multipart(part):
-        yield part
-        return
-    children = _children(part)
-    if children is None or depth >= MAX_DEPTH:
-        return
-    for child in children:
-        yield from _leaves(child, depth + 1)
-
-
-def _body(part: Message, depth: int) -> list[_Piece]:
+def _body(node: _Node) -> list[_Piece]:
     """The parts to show as the body, in order (RFC 2046 5.1)."""
-    if not _is_multipart(part):
-        if _is_attachment(part):
+    if node.maintype != "multipart":
+        if node.is_attachment:
             return []
-        subtype = _subtype(part)
+        subtype = node.subtype
         kind: _Kind = "html" if subtype == "html" else "plain" if subtype == "plain" else "other"
-        return [_Piece(kind, _decode_text(_leaf_bytes(part), _charset(part)))]
-    children = _children(part)
-    if children is None:
+        return [_Piece(kind, _part_text(node))]
+    if node.children is None:
+        if node.part.is_multipart():  # nested deeper than the store follows
+            return []
         # Boundary missing or never found: the email package kept the body as
         # text; it is the best there is to show if nothing else is.
-        data = _leaf_bytes(part)
-        return [_Piece("raw", _decode_text(data, _charset(part)))] if data.strip() else []
-    if depth >= MAX_DEPTH:
-        return []
-    subtype = _subtype(part)
-    if subtype == "alternative":
-        # RFC 2046 5.1.4: the last alternative is the richest; prefer HTML.
+        text = _part_text(node)
+        return [_Piece("raw", text)] if text.strip() else []
+    if node.subtype == "alternative":
+        # RFC 2046 5.1.4: the last alternative is the richest; HTML is preferred.
         best: list[_Piece] = []
-        for child in children:
-            found = _body(child, depth + 1)
+        for child in node.children:
+            found = _body(child)
             if found and (not best or _rank(found) >= _rank(best)):
                 best = found
         return best
-    if subtype == "related":
-        # RFC 2387: the root (the start parameter, else the first part) is the body.
-        root = _related_root(part, children)
-        return _body(root, depth + 1) if root is not None else []
+    if node.subtype == "related":
+        # RFC 2387 3.1: the root (the start parameter, else the first part).
+        root = _related_root(node)
+        return _body(root) if root is not None else []
     # mixed, digest, signed, report, unknown subtypes: every inline part, in
-    # order (a mail client that splits an HTML body around an attachment
-    # sends several).
-    return [piece for child in children for piece in _body(child, depth + 1)]
+    # order (some mail software splits an HTML body around an attachment).
+    return [piece for child in node.children for piece in _body(child)]
 
 
 def _rank(pieces: list[_Piece]) -> int:
     return max(_RANK[piece.kind] for piece in pieces)
 
 
-def _related_root(part: Message, children: list[Message]) -> Message | None:
-    start = _guard(lambda: part.get_param("start"), None)
+def _related_root(node: _Node) -> _Node | None:
+    children = node.children or []
+    start = _guard(lambda: node.part.get_param("start"), None)
     if isinstance(start, str) and start.strip():
         for child in children:
             if _content_id(child) == start.strip():
@@ -347,8 +462,8 @@ def _related_root(part: Message, children: list[Message]) -> Message | None:
     return children[0] if children else None
 
 
-def _content_id(part: Message) -> str:
-    return _guard(lambda: str(part.get("content-id", "")).strip(), "")
+def _content_id(node: _Node) -> str:
+    return _guard(lambda: str(node.part.get("content-id", "")), "").strip()
 
 
 def _render(pieces: list[_Piece]) -> tuple[str | None, str | None]:
@@ -368,13 +483,13 @@ def _render(pieces: list[_Piece]) -> tuple[str | None, str | None]:
 
 
 def _fallback_text(raw: bytes) -> str:
-    """The body of a message the parser gave up on, as text."""
-    cut = [i for i in (raw.find(b"\r\n\r\n"), raw.find(b"\n\n")) if i >= 0]
-    body = raw[min(cut) :].lstrip(b"\r\n") if cut else raw
+    """The body of a message that is not MIME-parsed, as text."""
+    cuts = [i for i in (raw.find(b"\r\n\r\n"), raw.find(b"\n\n")) if i >= 0]
+    body = raw[min(cuts) :].lstrip(b"\r\n") if cuts else raw
     return _decode_text(body, None)
 
 
-# --------------------------------------------------------------------------- part details
+# --------------------------------------------------------------------------- part contents
 
 
 def _guard(read: Callable[[], _T], default: _T) -> _T:
@@ -385,71 +500,33 @@ def _guard(read: Callable[[], _T], default: _T) -> _T:
         return default
 
 
-def _content_type(part: Message) -> str:
-    return _guard(lambda: part.get_content_type().lower(), part.get_default_type())
-
-
-def _maintype(part: Message) -> str:
-    return _content_type(part).partition("/")[0]
-
-
-def _subtype(part: Message) -> str:
-    return _content_type(part).partition("/")[2]
-
-
-def _disposition(part: Message) -> str | None:
-    return _guard(part.get_content_disposition, None)
-
-
-def _charset(part: Message) -> str | None:
-    return _guard(part.get_content_charset, None)
-
-
-def _raw_filename(part: Message) -> str | None:
-    """The declared file name, decoded as :mod:`mssante.store.mime` does, or None.
-
-    First as the store reads it (compat32 on the raw fields: Windows-1252
-    recovery, RFC 2047 words even where RFC 2231 forbids them), then as the
-    ``email`` package's default policy does.
-    """
-    name = _guard(lambda: _compat_filename(part), None)
-    if name is None:
-        name = _guard(part.get_filename, None)
+def _declared_filename(part: Message) -> str | None:
+    """The file name as :mod:`mssante.store.mime` reads it (RFC 2231, RFC 2047, raw 8-bit)."""
+    name = part.get_filename()
     if name is None:
         return None
-    name = _unicode(name).strip()
-    return name or None
+    return _decode_words(_recover(name)).strip() or None
 
 
-def _compat_filename(part: Message) -> str | None:
-    fields: Message = Message()
-    seen: set[str] = set()
-    for key, value in part.raw_items():
-        lower = key.lower()
-        if lower in ("content-type", "content-disposition") and lower not in seen:
-            seen.add(lower)
-            fields[key] = _recover(str(value)).replace("\r", "").replace("\n", "")
-    name = fields.get_filename()
-    if name is None:
-        return None
-    return _decode_words(_recover(name))
-
-
-def _display_filename(part: Message, index: int) -> str:
-    name = _clean_filename(_raw_filename(part) or "")
+def _display_filename(node: _Node, index: int) -> str:
+    name = _clean_filename(node.filename or "")
     if name:
         return name
-    return f"piece-jointe-{index + 1}{_EXTENSIONS.get(_content_type(part), '')}"
+    return f"piece-jointe-{index + 1}{_EXTENSIONS.get(node.content_type, '')}"
+
+
+def _part_text(node: _Node) -> str:
+    charset = _guard(node.part.get_content_charset, None)
+    return _decode_text(_leaf_bytes(node.part), charset)
 
 
 def _leaf_bytes(part: Message) -> bytes:
-    """The decoded content of a non-multipart part (a nested message as bytes)."""
+    """The decoded content of a part that is not multipart (a nested message as bytes)."""
     if part.is_multipart():  # message/*: the email package parsed it
         return _message_body_bytes(part)
     data = _guard(lambda: part.get_payload(decode=True), None)
     if isinstance(data, bytes):
         return data
-    # The Content-Transfer-Encoding header defeated the email package: as is.
     text = _guard(part.get_payload, None)
     return _unicode(text).encode("utf-8") if isinstance(text, str) else b""
 
