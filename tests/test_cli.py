@@ -25,6 +25,7 @@ def _env(data_dir: Path) -> dict[str, str]:
         MSSANTE_SMTP__HOST="127.0.0.1",
         MSSANTE_SMTP__PORT="0",
         MSSANTE_SUBMISSION__PORT="0",
+        MSSANTE_WEB__PORT="0",  # no fixed port: the webmail listens too
         PYTHONUNBUFFERED="1",
         COLUMNS="200",  # rich tables: no wrapping in the assertions
     )
