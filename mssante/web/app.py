@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import Mount
@@ -29,7 +30,15 @@ from mssante.pseudonym import Pseudonymizer
 from mssante.web import auth, pages
 from mssante.web.context import Web
 from mssante.web.render import display_subject
-from mssante.web.security import BodyTooLargeError, SecurityHeaders
+from mssante.web.security import (
+    ASGIApp,
+    BodyTooLargeError,
+    Message,
+    Receive,
+    Scope,
+    SecurityHeaders,
+    Send,
+)
 from mssante.web.sessions import CsrfError
 from mssante.web.views import french_date, french_datetime, page
 
@@ -67,8 +76,10 @@ def create_app(
             HTTPException: _http_error,
             CsrfError: _csrf_error,
             BodyTooLargeError: _too_large,
-            Exception: _internal_error,
         },
+        # Inside Starlette's ServerErrorMiddleware, which would log the
+        # exception a second time and drop the connection.
+        middleware=[Middleware(InternalErrors)],
     )
     app.state.web = Web(
         store=store,
@@ -119,11 +130,35 @@ async def _too_large(request: Request, exc: Exception) -> Response:
     )
 
 
-async def _internal_error(request: Request, exc: Exception) -> Response:
-    ref = secrets.token_hex(6)
-    log.exception("web: internal error ref=%s on %s", ref, request.url.path)
-    context: dict[str, Any] = {
-        "title": "Service momentanément indisponible",
-        "text": f"Une erreur est survenue. Réessayez dans quelques instants (référence {ref}).",
-    }
-    return await page(request, "error.html", context, 500, with_session=False)
+class InternalErrors:
+    """An unexpected exception becomes a French page with a log reference, never a trace."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def watch(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        except Exception:
+            ref = secrets.token_hex(6)
+            log.exception("web: internal error ref=%s on %s", ref, scope.get("path"))
+            if started:  # too late for a page: the connection is closed by the server
+                raise
+            request = Request(scope)
+            context: dict[str, Any] = {
+                "title": "Service momentanément indisponible",
+                "text": "Une erreur est survenue. Réessayez dans quelques instants"
+                f" (référence {ref}).",
+            }
+            response = await page(request, "error.html", context, 500, with_session=False)
+            await response(scope, receive, send)

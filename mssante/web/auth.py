@@ -44,6 +44,8 @@ LOCKED = (
     "Trop de tentatives. Par sécurité, réessayez après {until}. Si vous avez oublié votre mot de"
     " passe, contactez votre caisse d'assurance maladie."
 )
+# E-mail confirmation codes sent per activation session.
+_EMAIL_SENDS = 3
 # Activation steps 2-3 must be finished within this time.
 _ACTIVATION_SESSION = 1800.0
 
@@ -250,11 +252,23 @@ async def activate_address(request: Request) -> Response:
             email = validate_email(email, check_deliverability=False).normalized
         except EmailNotValidError:
             errors.add("email", "Indiquez une adresse e-mail valide, par exemple nom@exemple.fr.")
+        sent = int(session.state.get("email_sends", 0))
+        if not errors and sent >= _EMAIL_SENDS:
+            # Each code gets 5 tries: a few codes per activation, not a guessing oracle
+            # nor a way to send mail to any address.
+            errors.add(
+                "email",
+                "Trop de codes envoyés. Recommencez l'activation depuis le début dans 30 minutes.",
+            )
         if not errors:
             code, digest = credentials.new_email_code()
             expires = w.clock.now() + timedelta(minutes=w.settings.web.email_code_minutes)
             session.state.update(
-                email=email, email_code=digest, email_expires=expires.isoformat(), email_tries=0
+                email=email,
+                email_code=digest,
+                email_expires=expires.isoformat(),
+                email_tries=0,
+                email_sends=sent + 1,
             )
             await sessions.save_state(w, session)
             await activation.send_email_confirmation(

@@ -235,7 +235,7 @@ async def _attachments(form: FormData) -> list[Attachment]:
                 )
             )
     finally:
-        pass
+        await form.close()
     return out
 
 
