@@ -23,8 +23,9 @@ order from 0; URLs carry that number, so it must not change between
 
 Cost: the ``email`` package is quadratic on some hostile inputs (header
 parameters, deeply nested multiparts).  MIME parameter fields are read
-bounded (:data:`MAX_MIME_FIELD`) and a message nested too deep for its size
-(:data:`MAX_NESTING_COST`) is not MIME-parsed but shown as text.
+bounded (:data:`MAX_MIME_FIELD`), and a message nested too deep for its size
+(:data:`MAX_NESTING_COST`) or with too many parts (:data:`MAX_PARTS`) is not
+MIME-parsed but shown as text.
 """
 
 from __future__ import annotations
@@ -65,18 +66,22 @@ XDM_PREFIX: Final = "XDM/1.0/DDM+"
 NO_SUBJECT: Final = "(sans objet)"
 MAX_FILENAME: Final = 200
 """Longest file name shown or sent (characters, extension kept)."""
-MAX_MIME_FIELD: Final = 2048
-"""Characters of a Content-Type / Content-Disposition field that are read."""
+MAX_MIME_FIELD: Final = 16384
+"""Characters of a Content-Type / Content-Disposition field that are read
+(a 255-character file name in a non-Latin script takes 2,500 encoded)."""
 MAX_MIME_PARAMETERS: Final = 64
 """Parameters of such a field that are read (RFC 2231 continuations included)."""
 MAX_NESTING: Final = 50
 """Multipart bodies open at once beyond which a message is shown as text."""
-MAX_NESTING_COST: Final = 10_000_000
+MAX_NESTING_COST: Final = 5_000_000
 """Open multipart bodies x lines beyond which a message is shown as text.
 
 The ``email`` feed parser tests every line against every open boundary: a
 hostile message 100 levels deep with 100,000 short lines takes 5 s.
 """
+MAX_PARTS: Final = 2 * MAX_ATTACHMENTS
+"""Body parts beyond which a message is shown as text (the feed parser
+takes about 0.5 ms a part)."""
 OCTET_STREAM: Final = "application/octet-stream"
 
 _T = TypeVar("_T")
@@ -132,9 +137,14 @@ _DROP_WITH_CONTENT: Final = frozenset(
     }
 )
 # No class or id (no clobbering of the page's names or styles), no style, no
-# event handler, no title (its value would be the one place where text from
-# the message is not entity-escaped: "<" stays "<" in attribute values).
-_ATTRIBUTES: Final = {"a": {"href"}, "td": {"colspan", "rowspan"}, "th": {"colspan", "rowspan"}}
+# event handler, no title.  The "*" entry must be there: without it Ammonia
+# keeps its default generic attributes (title and lang on every tag).
+_ATTRIBUTES: Final[dict[str, set[str]]] = {
+    "*": set(),
+    "a": {"href"},
+    "td": {"colspan", "rowspan"},
+    "th": {"colspan", "rowspan"},
+}
 
 _CLEANER: Final = nh3.Cleaner(
     tags=_TAGS,
@@ -289,46 +299,71 @@ class _ReadingPolicy(EmailPolicy):
 
 _POLICY: Final = _ReadingPolicy()
 
-_MIME_MARKERS: Final = re.compile(
-    rb"boundary\*?\d*\*?[ \t]*=[ \t]*(?:\"([^\"\r\n]*)\"|([^\s;\"]*))|^--([^\r\n]*?)[ \t]*\r?$",
-    re.IGNORECASE | re.MULTILINE,
+_BOUNDARY_PARAMETER: Final = re.compile(
+    rb"boundary\*?\d*\*?[ \t]*=[ \t]*(?:\"([^\"\r\n]*)\"|([^\s;\"]*))", re.IGNORECASE
 )
+_DELIMITER_LINE: Final = re.compile(rb"\n--([^\r\n]*)")
 
 
-def _nesting(raw: bytes) -> int:
-    """How many multipart bodies the feed parser may keep open at once (an upper bound).
+def _too_complex(raw: bytes) -> bool:
+    """Whether the feed parser would take too long: too many parts, or too
+    many multipart bodies open at once for the size.
 
-    Every boundary parameter opens one; a delimiter line closes those opened
-    after its own (RFC 2046 5.1.1: an inner part ends at the outer
-    delimiter), a close delimiter its own too.  Stops counting past
-    :data:`MAX_NESTING`.
+    An upper bound of the nesting: every boundary parameter opens a body; a
+    delimiter line closes those opened after its own (RFC 2046 5.1.1: an
+    inner part ends at an outer delimiter), a close delimiter its own too.
+    Offsets are found with ``bytes.find``: a regular expression tried at every
+    offset of a 25 MB message takes half a second.  At worst (millions of
+    lines starting with ``--``) this costs about what parsing would.
     """
+    lines = max(raw.count(b"\n"), raw.count(b"\r")) + 1  # the feed parser also ends lines at CR
+    limit = min(MAX_NESTING, MAX_NESTING_COST // lines)
+    events: list[tuple[int, bytes, bool]] = []  # (offset, boundary, is a parameter)
+    lowered = raw.lower()
+    at = lowered.find(b"boundary")
+    while at >= 0:
+        match = _BOUNDARY_PARAMETER.match(raw, at)
+        if match is not None:
+            if len(events) >= 100 * MAX_NESTING:
+                return True
+            quoted = match.group(1)
+            events.append((at, quoted if quoted is not None else match.group(2), True))
+        at = lowered.find(b"boundary", at + 8)
+    if len(events) <= limit and raw.count(b"\n--") < MAX_PARTS:
+        return False  # the common case: neither bound can be passed
+    wanted = {name for _, name, _ in events}
+    wanted |= {name + b"--" for name in wanted}
+    for match in _DELIMITER_LINE.finditer(b"\n" + raw):
+        name = match.group(1).rstrip(b" \t")
+        if name in wanted:
+            events.append((match.start(), name, False))
+    events.sort(key=lambda event: event[0])
+
     open_boundaries: list[bytes] = []
-    deepest = 0
-    for match in _MIME_MARKERS.finditer(raw):
-        line = match.group(3)
-        if line is None:
-            declared = match.group(1)
-            open_boundaries.append(declared if declared is not None else match.group(2))
-            deepest = max(deepest, len(open_boundaries))
-            if deepest > MAX_NESTING:
-                break
+    parts = 0
+    for _, name, is_parameter in events:
+        if is_parameter:
+            open_boundaries.append(name)
+            if len(open_boundaries) > limit:
+                return True
             continue
-        closing = line.endswith(b"--")
-        for level in range(len(open_boundaries) - 1, -1, -1):
-            if open_boundaries[level] == line:
+        closing = name.endswith(b"--")
+        for level in range(len(open_boundaries) - 1, -1, -1):  # at most ``limit`` steps
+            if open_boundaries[level] == name:
                 del open_boundaries[level + 1 :]
+                parts += 1
+                if parts > MAX_PARTS:
+                    return True
                 break
-            if closing and open_boundaries[level] == line[:-2]:
+            if closing and open_boundaries[level] == name[:-2]:
                 del open_boundaries[level:]
                 break
-    return deepest
+    return False
 
 
 def _parse(raw: bytes) -> Message | None:
     """The parsed message, or None when parsing it would cost too much."""
-    depth = _nesting(raw)
-    if depth > MAX_NESTING or depth * raw.count(b"\n") > MAX_NESTING_COST:
+    if _too_complex(raw):
         return None
     return BytesParser(policy=_POLICY).parsebytes(raw)  # EmailMessage objects
 
@@ -356,11 +391,8 @@ class _Node:
     @property
     def is_attachment(self) -> bool:
         """The rule of :mod:`mssante.store.mime`, for a part that is not multipart."""
-        return (
-            self.disposition == "attachment"
-            or self.filename is not None
-            or (self.maintype != "text")
-        )
+        named = self.filename is not None
+        return self.disposition == "attachment" or named or self.maintype != "text"
 
 
 def _tree(raw: bytes) -> _Node | None:
@@ -624,7 +656,8 @@ _FILENAME_TRANSLATION: Final = str.maketrans(
     {'"': None, "<": "_", ">": "_", ":": "_", "|": "_", "?": "_", "*": "_"}
 )
 _ASCII_SAFE: Final = frozenset(
-    "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 -_.()+,!#$&'=@[]^{}~"
+    # Not ";", "=" or "%": naive parsers split on them or percent-decode.
+    "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 -_.()+,!#$&'@[]^{}~"
 )
 
 
@@ -662,5 +695,10 @@ def _ascii_fallback(name: str) -> str:
     """Printable ASCII for the quoted ``filename`` parameter (RFC 6266 4.3)."""
     decomposed = unicodedata.normalize("NFKD", name)
     letters = "".join(char for char in decomposed if not unicodedata.combining(char))
-    out = "".join(char if char in _ASCII_SAFE else "_" for char in letters)
-    return out.lstrip(". ") or "piece-jointe"
+    out = "".join(char if char in _ASCII_SAFE else "_" for char in letters).lstrip(". ")
+    stem, dot, extension = out.rpartition(".")
+    if not dot:
+        stem, extension = out, ""
+    if not any(char.isalnum() for char in stem):  # a name in another script: "__.pdf"
+        out = "piece-jointe" + (f".{extension}" if extension.isalnum() else "")
+    return out
