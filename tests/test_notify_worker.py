@@ -275,6 +275,14 @@ async def test_pending_rows_of_one_person_make_one_email(
     rows = await notifications(gw)
     assert {r.status for r in rows} == {NotificationStatus.SENT}
     assert {r.email_message_id for r in rows} == {parsed(mail.data)["Message-ID"]}
+    # One audit event for the e-mail: the patient's activity history shows it.
+    async with gw.store.reads() as s:
+        events = list(
+            await s.scalars(select(AuditEvent).where(AuditEvent.kind == "notification.sent"))
+        )
+    assert [(e.patient_id, sorted(e.details["notifications"])) for e in events] == [
+        (await patient_id(gw, demo.ACTIVATED), sorted(r.id for r in rows))
+    ]
 
 
 @pytest.mark.parametrize("gw", [{"coalesce_window": 900.0}], indirect=True)

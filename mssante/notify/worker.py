@@ -19,7 +19,8 @@ One pass (:meth:`NotificationWorker.run_once`):
    return path (verp.py), outside any transaction.
 4. **Record**: sent rows get ``status=sent``, ``sent_at`` and the e-mail's
    Message-ID, in one transaction at the end of the batch (one commit, one
-   fsync, for up to ``batch_size`` e-mails).  A batch stops when half the
+   fsync, for up to ``batch_size`` e-mails), with a ``notification.sent``
+   audit event per recipient (the patient's activity history shows it).  A batch stops when half the
    lease is spent (a slow relay) and gives back the rows it did not try.
    A temporary failure schedules a retry with exponential backoff and
    jitter; a permanent one, or the last allowed attempt, marks
@@ -398,12 +399,22 @@ class NotificationWorker:
 
         async def job(session: AsyncSession) -> None:
             for batch, message_id in sent:
-                await mark_sent(session, batch, message_id=message_id, at=at)
+                if await mark_sent(session, batch, message_id=message_id, at=at):
+                    # The patient's activity history says a notification left (issue 8.7).
+                    await audit.append(
+                        session,
+                        at=at,
+                        kind="notification.sent",
+                        actor=ACTOR,
+                        patient_id=batch.recipient_id,
+                        details={"channel": "email", "notifications": list(batch.ids)},
+                    )
             if unsent:
                 await release(session, [i for b in unsent for i in b.ids], worker=self.worker_id)
 
         try:
-            await self._transaction(job)
+            # With audit events: through the single writer (the chain stays linear).
+            await (self._writer.run(job) if sent else self._transaction(job))
         except Exception:
             log.error("sent notifications not recorded: resent after the lease", exc_info=True)
 
