@@ -704,7 +704,7 @@ def assert_page_headers(response: httpx.Response, *, hsts: bool = True) -> None:
     assert csp["frame-ancestors"] == ["'none'"]
     assert csp["object-src"] == ["'none'"] and csp["base-uri"] == ["'none'"]
     assert response.headers["x-content-type-options"] == "nosniff"
-    assert response.headers["referrer-policy"] == "no-referrer"
+    assert response.headers["referrer-policy"] == "same-origin"
     assert response.headers["x-frame-options"] == "DENY"
     assert response.headers["cache-control"] == "no-store"
     if hsts:

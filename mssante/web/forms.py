@@ -15,7 +15,11 @@ async def read_form(request: Request, session: Session | None, *, files: int = 0
     """The form, after the CSRF check (raises CsrfError, answered 403)."""
     settings = request.app.state.web.settings
     form = await request.form(max_files=files, max_fields=50, max_part_size=settings.web.max_upload)
-    sessions.check_csrf(request, form, session)
+    try:
+        sessions.check_csrf(request, form, session)
+    except sessions.CsrfError:
+        await form.close()  # uploaded files of a refused POST: their temporary files
+        raise
     return form
 
 
