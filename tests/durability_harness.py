@@ -294,7 +294,6 @@ class ServerProcess:
             MSSANTE_SMTP__HOST="127.0.0.1",
             MSSANTE_SMTP__PORT="0",
             MSSANTE_SUBMISSION__PORT="0",
-        MSSANTE_WEB__PORT="0",  # no fixed port: the webmail listens too
             MSSANTE_WEB__PORT="0",  # no fixed port: the webmail listens too
             # Every client is the same operator: the per-identity rate limit
             # (451 4.7.0) must not refuse the load, which checks storage.
