@@ -343,51 +343,35 @@ async def new_message(request: Request) -> Response:
     )
 
 
-async def trash_conversation(request: Request) -> Response:
+async def _move(request: Request, *, restore: bool, by: str) -> int:
+    """Trash or restore (store/mailbox.py) the conversation or message the path names."""
     w, session, target = await mailbox_of(request)
-    conv_id = _id(request, "conversation")
+    item = _id(request, by)
     await read_form(request, session)
-    changed = await mailbox.trash(
-        w.store,
-        target,
-        at=w.clock.now(),
-        author_patient_id=_author(session),
-        conversation_id=conv_id,
+    move = mailbox.restore if restore else mailbox.trash
+    scope: dict[str, Any] = (
+        {"conversation_id": item} if by == "conversation" else {"delivery_ids": [item]}
     )
-    if not changed:
+    changed = await move(
+        w.store, target, at=w.clock.now(), author_patient_id=_author(session), **scope
+    )
+    if not changed:  # nothing of this mailbox: the same answer as a missing id
         raise HTTPException(404)
+    return item
+
+
+async def trash_conversation(request: Request) -> Response:
+    await _move(request, restore=False, by="conversation")
     return redirect("/messages?info=trashed")
 
 
 async def trash_message(request: Request) -> Response:
-    w, session, target = await mailbox_of(request)
-    delivery_id = _id(request, "delivery")
-    await read_form(request, session)
-    changed = await mailbox.trash(
-        w.store,
-        target,
-        at=w.clock.now(),
-        author_patient_id=_author(session),
-        delivery_ids=[delivery_id],
-    )
-    if not changed:
-        raise HTTPException(404)
+    await _move(request, restore=False, by="delivery")
     return redirect("/messages?info=message_trashed")
 
 
 async def restore_conversation(request: Request) -> Response:
-    w, session, target = await mailbox_of(request)
-    conv_id = _id(request, "conversation")
-    await read_form(request, session)
-    changed = await mailbox.restore(
-        w.store,
-        target,
-        at=w.clock.now(),
-        author_patient_id=_author(session),
-        conversation_id=conv_id,
-    )
-    if not changed:
-        raise HTTPException(404)
+    conv_id = await _move(request, restore=True, by="conversation")
     return redirect(f"/conversations/{conv_id}?info=restored")
 
 
