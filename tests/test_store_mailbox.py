@@ -325,7 +325,8 @@ async def test_list_of_a_large_mailbox_costs_a_fixed_number_of_queries(
         page = await listed(gateway, pid, page=3, per_page=25)
     finally:
         event.remove(engine, "before_cursor_execute", record)
-    assert len(statements) <= 3, statements
+    # The page, the count, the page's attachment marks, the data key: whatever the size.
+    assert len(statements) <= 4, statements
     assert (page.total, page.pages) == (len(stats), 12)
     assert [c.id for c in page.items] == expected[50:75]
     for item in page.items:

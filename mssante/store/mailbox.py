@@ -268,10 +268,9 @@ async def list_conversations(
             Delivery.conversation_id.label("conversation_id"),
             func.count().label("messages"),
             unread.label("unread"),
-            func.max(Message.attachment_count).label("attachments"),
             func.max(Delivery.delivered_at).label("last_at"),
         )
-        .join(Message, Message.id == Delivery.message_id)
+        # Only deliveries columns: the covering index ix_deliveries_mailbox answers it.
         .where(Delivery.patient_id == patient_id, state)
         .group_by(Delivery.conversation_id)
         .subquery()
@@ -286,7 +285,6 @@ async def list_conversations(
                 Conversation.ended_by,
                 counts.c.messages,
                 counts.c.unread,
-                counts.c.attachments,
                 counts.c.last_at,
             )
             .join(counts, counts.c.conversation_id == Conversation.id)
@@ -308,6 +306,23 @@ async def list_conversations(
         )
         or 0
     )
+    # The attachment marks of this page only (a join over the whole mailbox costs
+    # three quarters of the list: bench/webmail.py).
+    with_files: set[int] = set()
+    if rows:
+        with_files = set(
+            await session.scalars(
+                select(Delivery.conversation_id)
+                .join(Message, Message.id == Delivery.message_id)
+                .where(
+                    Delivery.patient_id == patient_id,
+                    state,
+                    Delivery.conversation_id.in_([r.id for r in rows]),
+                    Message.attachment_count > 0,
+                )
+                .distinct()
+            )
+        )
     dek = await _data_key(session, keyring, patient_id) if rows else None
     enders = await _ender_names(
         session,
@@ -327,7 +342,7 @@ async def list_conversations(
                 last_message_at=row.last_at,
                 messages=int(row.messages),
                 unread=int(row.unread or 0),
-                has_attachments=bool(row.attachments),
+                has_attachments=row.id in with_files,
                 ended=row.ended_at is not None,
                 ended_by_name=_ended_by_name(
                     row.ended_at, row.ended_by, row.professional, name, enders, row.id
@@ -482,6 +497,29 @@ async def message_for_download(
     if dek is None:
         return None
     return message, unseal(dek, wrapped_key, message_key_context(message.ref, patient_id))
+
+
+async def messages_for_display(
+    session: AsyncSession, keyring: Keyring, patient_id: int, delivery_ids: list[int]
+) -> dict[int, tuple[str, bytes]]:
+    """Blob key and message key of each of ``delivery_ids`` in this patient's
+    mailbox, in one query and one data key (a conversation page)."""
+    if not delivery_ids:
+        return {}
+    rows = (
+        await session.execute(
+            select(Delivery.id, Delivery.wrapped_key, Message.ref, Message.blob_key)
+            .join(Message, Message.id == Delivery.message_id)
+            .where(Delivery.id.in_(delivery_ids), Delivery.patient_id == patient_id)
+        )
+    ).all()
+    dek = await _data_key(session, keyring, patient_id) if rows else None
+    if dek is None:
+        return {}
+    return {
+        r.id: (r.blob_key, unseal(dek, r.wrapped_key, message_key_context(r.ref, patient_id)))
+        for r in rows
+    }
 
 
 async def unread_count(session: AsyncSession, patient_id: int) -> int:

@@ -218,7 +218,15 @@ class Delivery(Base):
     __tablename__ = "deliveries"
     __table_args__ = (
         UniqueConstraint("message_id", "patient_id"),
-        Index("ix_deliveries_patient_conversation", "patient_id", "conversation_id"),
+        # The conversation list (store/mailbox.py) reads only these columns: covering.
+        Index(
+            "ix_deliveries_mailbox",
+            "patient_id",
+            "conversation_id",
+            "trashed_at",
+            "read_at",
+            "delivered_at",
+        ),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -404,11 +412,13 @@ class AuditEvent(Base):
     """Append-only, hash-chained trail; never message content."""
 
     __tablename__ = "audit_events"
+    # A patient's activity history, newest first (store/mailbox.py).
+    __table_args__ = (Index("ix_audit_events_patient_time", "patient_id", "occurred_at", "id"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     occurred_at: Mapped[datetime]
     kind: Mapped[str] = mapped_column(String(64), index=True)
-    patient_id: Mapped[int | None] = mapped_column(Integer, index=True)
+    patient_id: Mapped[int | None] = mapped_column(Integer)
     message_id: Mapped[int | None] = mapped_column(Integer)
     actor: Mapped[str] = mapped_column(String(320))
     details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)

@@ -157,19 +157,18 @@ async def show_conversation(request: Request) -> Response:
 
 
 async def _bodies(w: Web, target: int, detail: Any) -> dict[int, render.DisplayMessage]:
-    """Each message's displayable body, read and decrypted off the event loop."""
-    out: dict[int, render.DisplayMessage] = {}
-    for entry in detail.messages:
-        async with w.store.reads() as db:
-            found = await mailbox.message_for_download(
-                db, w.store.keyring, target, entry.delivery_id
-            )
-        if found is None:
-            continue
-        message, key = found
-        raw = await asyncio.to_thread(w.store.blobs.read, message.blob_key, key)
-        out[entry.delivery_id] = await asyncio.to_thread(render.parse, raw)
-    return out
+    """Each message's displayable body: keys in one query, then read, decrypted and
+    parsed in one worker thread (not on the event loop)."""
+    async with w.store.reads() as db:
+        keys = await mailbox.messages_for_display(
+            db, w.store.keyring, target, [m.delivery_id for m in detail.messages]
+        )
+    blobs = w.store.blobs
+
+    def read_all() -> dict[int, render.DisplayMessage]:
+        return {d: render.parse(blobs.read(blob, key)) for d, (blob, key) in keys.items()}
+
+    return await asyncio.to_thread(read_all)
 
 
 async def _first_display(w: Web, session: Session, target: int, detail: Any) -> None:

@@ -67,6 +67,18 @@ def upgrade() -> None:
     # Login by e-mail address (store/credentials.py); addresses are stored lower-case.
     op.execute("UPDATE patients SET activation_email = lower(activation_email)")
     op.create_index("ix_patients_activation_email", "patients", ["activation_email"])
+    # The conversation list reads only these deliveries columns (covering index),
+    # the activity history a patient's events newest first (bench/webmail.py).
+    op.drop_index("ix_deliveries_patient_conversation", table_name="deliveries")
+    op.create_index(
+        "ix_deliveries_mailbox",
+        "deliveries",
+        ["patient_id", "conversation_id", "trashed_at", "read_at", "delivered_at"],
+    )
+    op.drop_index("ix_audit_events_patient_id", table_name="audit_events")
+    op.create_index(
+        "ix_audit_events_patient_time", "audit_events", ["patient_id", "occurred_at", "id"]
+    )
     # The conversation list (webmail): a patient's conversations, latest first.
     op.create_index(
         "ix_conversations_patient_last", "conversations", ["patient_id", "last_message_at"]
@@ -74,6 +86,12 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    op.drop_index("ix_audit_events_patient_time", table_name="audit_events")
+    op.create_index("ix_audit_events_patient_id", "audit_events", ["patient_id"])
+    op.drop_index("ix_deliveries_mailbox", table_name="deliveries")
+    op.create_index(
+        "ix_deliveries_patient_conversation", "deliveries", ["patient_id", "conversation_id"]
+    )
     op.drop_index("ix_conversations_patient_last", table_name="conversations")
     op.drop_index("ix_patients_activation_email", table_name="patients")
     op.drop_table("login_throttle")
