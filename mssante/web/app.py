@@ -27,7 +27,7 @@ from starlette.templating import Jinja2Templates
 from mssante.clock import Clock
 from mssante.french import PARIS
 from mssante.pseudonym import Pseudonymizer
-from mssante.web import auth, pages
+from mssante.web import auth, health, pages
 from mssante.web.context import Web
 from mssante.web.render import display_subject
 from mssante.web.security import (
@@ -70,6 +70,7 @@ def create_app(
         routes=[
             *auth.routes,
             *pages.routes,
+            *health.routes,
             Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
         ],
         exception_handlers={
