@@ -64,6 +64,7 @@ import math
 import os
 import random
 import re
+import selectors
 import shutil
 import signal
 import ssl
@@ -180,19 +181,23 @@ class Child:
 
     def ready(self, timeout: float = 120.0) -> dict[str, Any]:
         assert self.proc.stdout is not None
+        # The child prints its ports as one JSON line once it listens; wait for
+        # that line (or its exit: EOF) without polling.
+        fd = self.proc.stdout.fileno()
         deadline = time.monotonic() + timeout
-        os.set_blocking(self.proc.stdout.fileno(), False)
         buf = b""
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the server exited with {self.proc.returncode}")
-            chunk = self.proc.stdout.read()
-            if chunk:
+        with selectors.DefaultSelector() as waiting:
+            waiting.register(fd, selectors.EVENT_READ)
+            while (left := deadline - time.monotonic()) > 0:
+                if not waiting.select(left):
+                    break
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    raise RuntimeError(f"the server exited with {self.proc.wait()}")
                 buf += chunk
                 if b"\n" in buf:
                     self.ports = json.loads(buf.split(b"\n", 1)[0])
                     return self.ports
-            time.sleep(0.05)
         raise RuntimeError("the server did not start in time")
 
     def cpu_seconds(self) -> float:
