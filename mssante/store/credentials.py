@@ -337,6 +337,19 @@ async def check_activation(
     return await store.writer.run(job)
 
 
+async def _acceptable_password_hash(store: Store, patient_id: int, password: str) -> str:
+    """The argon2id hash of ``password`` once :func:`password_problems` accepts it for
+    this patient (ValueError with the first problem; LookupError: no such patient)."""
+    async with store.reads() as session:
+        patient = await session.get(Patient, patient_id)
+        if patient is None:
+            raise LookupError("patient not found")
+        problems = password_problems(password, ins=patient.ins, birth_date=patient.birth_date)
+    if problems:
+        raise ValueError(problems[0])
+    return await HASHER.hash(password)
+
+
 async def activate(
     store: Store, patient_id: int, *, password: str, email: str, at: datetime
 ) -> ActivationResult:
@@ -351,14 +364,7 @@ async def activate(
     address = normalise_email(email)
     if address is None:
         raise ValueError("not an e-mail address")
-    async with store.reads() as session:
-        patient = await session.get(Patient, patient_id)
-        if patient is None:
-            raise LookupError("patient not found")
-        problems = password_problems(password, ins=patient.ins, birth_date=patient.birth_date)
-    if problems:
-        raise ValueError(problems[0])
-    password_hash = await HASHER.hash(password)
+    password_hash = await _acceptable_password_hash(store, patient_id, password)
 
     async def job(session: AsyncSession) -> ActivationResult:
         patient = await session.get(Patient, patient_id)
@@ -578,14 +584,7 @@ async def set_password(
     without credentials, ValueError for a password :func:`password_problems`
     refuses.
     """
-    async with store.reads() as session:
-        patient = await session.get(Patient, patient_id)
-        if patient is None:
-            raise LookupError("patient not found")
-        problems = password_problems(password, ins=patient.ins, birth_date=patient.birth_date)
-    if problems:
-        raise ValueError(problems[0])
-    password_hash = await HASHER.hash(password)
+    password_hash = await _acceptable_password_hash(store, patient_id, password)
 
     async def job(session: AsyncSession) -> int:
         credentials = await session.get(PatientCredentials, patient_id)

@@ -25,7 +25,6 @@ from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
 from mssante.clock import Clock
-from mssante.french import PARIS
 from mssante.pseudonym import Pseudonymizer
 from mssante.web import auth, health, pages
 from mssante.web.context import Web
@@ -64,7 +63,6 @@ def create_app(
     env.filters["date"] = french_date
     env.filters["datetime"] = french_datetime
     env.globals["service_name"] = "Messagerie de santé"
-    env.globals["tz"] = PARIS
     secure = settings.web.tls_cert is not None or settings.web.behind_tls_proxy
     app = Starlette(
         routes=[

@@ -19,7 +19,6 @@ account.
 from __future__ import annotations
 
 from datetime import date, datetime, timedelta
-from typing import Any
 
 from email_validator import EmailNotValidError, validate_email
 from starlette.exceptions import HTTPException
@@ -28,12 +27,12 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from mssante.routing.ins import InsError, parse_ins
-from mssante.store import audit, credentials
+from mssante.store import credentials
 from mssante.store.models import Patient
 from mssante.web import activation, pages, sessions
 from mssante.web.context import Web, web
 from mssante.web.forms import Errors, read_form, text
-from mssante.web.views import french_datetime, logged_in, page, redirect
+from mssante.web.views import french_datetime, logged_in, page, record, redirect
 
 LOGIN_FAILED = "Identifiant ou mot de passe incorrect."
 ACTIVATION_FAILED = (
@@ -63,15 +62,6 @@ async def _locked(w: Web, keys: list[str]) -> str | None:
     return LOCKED.format(until=french_datetime(until)) if until is not None else None
 
 
-async def _audit(w: Web, kind: str, patient_id: int | None, **details: Any) -> None:
-    async def job(db: Any) -> None:
-        await audit.append(
-            db, at=w.clock.now(), kind=kind, actor="web", patient_id=patient_id, details=details
-        )
-
-    await w.store.writer.run(job)
-
-
 # --- login ----------------------------------------------------------------------------
 
 
@@ -82,9 +72,7 @@ async def login(request: Request) -> Response:
         pending = current is not None and current.state.get("pending_totp")
         if current is not None and current.patient_id is not None and not pending:
             return redirect("/messages")
-        info = {"logout": "Vous êtes déconnecté.", "closed": None}.get(
-            request.query_params.get("info", "")
-        )
+        info = "Vous êtes déconnecté." if request.query_params.get("info") == "logout" else None
         return await page(
             request, "login.html", {"title": "Connexion", "errors": Errors(), "info": info}
         )
@@ -117,7 +105,7 @@ async def login(request: Request) -> Response:
             return await _logged_in(w, request, result.patient_id, current)
         await credentials.record_failure(w.store, keys, at=w.clock.now())
         if result.patient_id is not None:
-            await _audit(w, "web.login_failed", result.patient_id)
+            await record(w, "web.login_failed", result.patient_id)
         errors.general = LOGIN_FAILED
     return await page(
         request,
@@ -132,7 +120,7 @@ async def _logged_in(
 ) -> Response:
     response = redirect("/messages")
     await sessions.start(w, response, patient_id=patient_id, replacing=current)
-    await _audit(w, "web.login", patient_id)
+    await record(w, "web.login", patient_id)
     return response
 
 
@@ -152,7 +140,7 @@ async def login_code(request: Request) -> Response:
             return await _logged_in(w, request, current.patient_id, current)
         else:
             await credentials.record_failure(w.store, keys, at=w.clock.now())
-            await _audit(w, "web.login_failed", current.patient_id, factor="totp")
+            await record(w, "web.login_failed", current.patient_id, factor="totp")
             errors.add("code", "Code incorrect ou expiré.")
     return await page(
         request,
@@ -169,7 +157,7 @@ async def logout(request: Request) -> Response:
         await read_form(request, session)
         await sessions.end(w, session.id)
         if session.patient_id is not None:
-            await _audit(w, "web.logout", session.patient_id)
+            await record(w, "web.logout", session.patient_id)
     response = redirect("/connexion?info=logout")
     sessions.forget(w, response)
     return response
@@ -324,7 +312,7 @@ async def activate_confirm(request: Request) -> Response:
             else:
                 response = redirect("/messages?info=activated")
                 await sessions.start(w, response, patient_id=patient_id, replacing=session)
-                await _audit(w, "web.login", patient_id)
+                await record(w, "web.login", patient_id)
                 return response
     return await page(
         request,

@@ -19,14 +19,15 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from mssante.outbound.attachments import Attachment
+from mssante.outbound.mdn import on_first_display
 from mssante.outbound.replies import Refused, reply
-from mssante.store import audit, mailbox
+from mssante.store import mailbox
 from mssante.store.models import Patient
 from mssante.web import render, sessions
 from mssante.web.context import Web, web
 from mssante.web.forms import Errors, read_form, text, uploads
 from mssante.web.sessions import Session
-from mssante.web.views import logged_in, page, redirect
+from mssante.web.views import logged_in, page, record, redirect
 
 INFO = {
     "sent": "Votre message a été envoyé.",
@@ -173,24 +174,13 @@ async def _bodies(w: Web, target: int, detail: Any) -> dict[int, render.DisplayM
 
 async def _first_display(w: Web, session: Session, target: int, detail: Any) -> None:
     """Read receipts (RFC 8098) and the read mark, on the first display (outbound/mdn.py)."""
-    from mssante.outbound.mdn import on_first_display
-
     for entry in detail.messages:
         if not entry.read:
             await on_first_display(
                 w.store, patient_id=target, delivery_id=entry.delivery_id, at=w.clock.now()
             )
     if target != session.patient_id:
-        await _audit(w, "web.helper_access", target, {"by": session.patient_id})
-
-
-async def _audit(w: Web, kind: str, patient_id: int, details: dict[str, Any]) -> None:
-    async def job(db: Any) -> None:
-        await audit.append(
-            db, at=w.clock.now(), kind=kind, actor="web", patient_id=patient_id, details=details
-        )
-
-    await w.store.writer.run(job)
+        await record(w, "web.helper_access", target, by=session.patient_id)
 
 
 async def download(request: Request) -> Response:

@@ -12,9 +12,11 @@ from starlette.responses import RedirectResponse, Response
 
 from mssante.french import french_date as _french_date
 from mssante.french import french_datetime as _french_datetime
+from mssante.store import audit
+from mssante.store.mailbox import represented
 from mssante.store.models import Patient
 from mssante.web import sessions
-from mssante.web.context import web
+from mssante.web.context import Web, web
 from mssante.web.sessions import Session
 
 
@@ -69,8 +71,6 @@ async def page(
 
 async def profiles(request: Request, session: Session) -> tuple[str, list[Profile]]:
     """The viewer's name and the profiles of the profile menu (their own first)."""
-    from mssante.store.mailbox import represented
-
     w = web(request)
     assert session.patient_id is not None
     async with w.store.reads() as db:
@@ -95,3 +95,14 @@ async def logged_in(request: Request) -> Session:
 def redirect(url: str) -> RedirectResponse:
     # 303: after a POST the browser GETs the next page (no resubmission).
     return RedirectResponse(url, status_code=303)
+
+
+async def record(w: Web, kind: str, patient_id: int | None, **details: Any) -> None:
+    """An audit event of the webmail (actor ``web``), through the single writer."""
+
+    async def job(db: Any) -> None:
+        await audit.append(
+            db, at=w.clock.now(), kind=kind, actor="web", patient_id=patient_id, details=details
+        )
+
+    await w.store.writer.run(job)
