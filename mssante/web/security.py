@@ -90,10 +90,9 @@ class SecurityHeaders:
                 message["headers"] = headers + [(k, v) for k, v in extra if k not in present]
             await send(message)
 
-        try:
-            await self.app(scope, limited_receive, send_with_headers)
-        except BodyTooLargeError:
-            await _too_large(send, extra)
+        # A body found too large while the handler reads it raises
+        # BodyTooLargeError, which the application answers (413 page, app.py).
+        await self.app(scope, limited_receive, send_with_headers)
 
     def _extra(self, scope: Scope) -> list[tuple[bytes, bytes]]:
         extra = list(HEADERS)
