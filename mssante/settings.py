@@ -58,6 +58,12 @@ class SmtpSettings(_Section):
         None, description="PEM server certificate chain; generated in the data dir if unset."
     )
     tls_key: Path | None = Field(None, description="PEM private key of tls_cert.")
+    shutdown_grace: float = Field(
+        30.0,
+        ge=0,
+        description="On SIGTERM, seconds sessions in progress may take to finish; new sessions"
+        " get 421 4.3.2 meanwhile, and those still open at the deadline get it too.",
+    )
     refusal: Literal["rcpt", "dsn"] = Field(
         "rcpt",
         description="How a patient recipient that cannot take the message (adresse invalide,"
@@ -433,6 +439,60 @@ class WebSettings(_Section):
     )
 
 
+class AdminSettings(_Section):
+    """The admin API for the insurer's account system (issue 9, mssante/admin)."""
+
+    enabled: bool = Field(
+        False, description="Serve the admin API from `mssante serve` (roles all and web)."
+    )
+    host: str = Field("127.0.0.1", description="Address the admin API binds to.")
+    port: int = Field(8443, ge=0, le=65535, description="Admin API HTTPS port.")
+    tls_cert: Path | None = Field(
+        None, description="PEM certificate chain of the admin API; plain HTTP without it."
+    )
+    tls_key: Path | None = Field(None, description="PEM private key of tls_cert.")
+    client_ca: Path | None = Field(
+        None,
+        description="PEM CA certificates: clients must present a certificate they issued"
+        " (mutual TLS). Needs tls_cert.",
+    )
+    tokens_file: Path | None = Field(
+        None,
+        description="File of the SHA-256 hashes (hex, one per line) of the accepted bearer"
+        " tokens; `mssante admin new-token` makes one.",
+    )
+    max_bulk: int = Field(
+        10_000, ge=1, le=1_000_000, description="Largest number of changes in one bulk request."
+    )
+
+
+class OpsSettings(_Section):
+    """Prometheus metrics and health probes for monitoring (issue 9, mssante/ops)."""
+
+    enabled: bool = Field(True, description="Serve /metrics, /healthz and /readyz.")
+    host: str = Field("127.0.0.1", description="Address the metrics endpoint binds to.")
+    port: int = Field(
+        9025,
+        ge=0,
+        le=65535,
+        description="Metrics and probes HTTP port; with smtp.workers > 1, worker i listens on"
+        " port + i.",
+    )
+
+
+class LogSettings(_Section):
+    """What the service writes to its standard error."""
+
+    format: Literal["text", "json"] = Field(
+        "text",
+        description="'json': one JSON object per line (one per SMTP transaction and per admin"
+        " action, with the correlation id found in the audit trail); 'text' for a terminal.",
+    )
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="Lowest level written."
+    )
+
+
 class Settings(_Section):
     smtp: SmtpSettings = Field(default_factory=SmtpSettings)
     submission: SubmissionSettings = Field(default_factory=SubmissionSettings)
@@ -445,6 +505,9 @@ class Settings(_Section):
     limits: LimitsSettings = Field(default_factory=LimitsSettings)
     dkim: DkimSettings = Field(default_factory=DkimSettings)
     web: WebSettings = Field(default_factory=WebSettings)
+    admin: AdminSettings = Field(default_factory=AdminSettings)
+    ops: OpsSettings = Field(default_factory=OpsSettings)
+    log: LogSettings = Field(default_factory=LogSettings)
 
 
 class SettingsError(Exception):

@@ -19,6 +19,7 @@ from mssante.app import Gateway
 from mssante.cli import seed_demo
 from mssante.settings import (
     NotifySettings,
+    OpsSettings,
     OutboundSettings,
     Settings,
     SmtpSettings,
@@ -67,6 +68,8 @@ def make_settings(
         outbound=OutboundSettings(worker_enabled=False),
         # The webmail is started by the tests that use it (tests/webmail.py).
         web=WebSettings(enabled=False, port=0),
+        # Metrics and probes: started by the tests that scrape them.
+        ops=OpsSettings(enabled=False, port=0),
     )
 
 
