@@ -35,7 +35,7 @@ from aiosmtpd.smtp import SMTP
 from cryptography import x509
 from sqlalchemy import func, select
 
-from mssante.app import Gateway, Store
+from mssante.app import Gateway, Role, Store
 from mssante.dkim import generate_key
 from mssante.outbound.worker import OutboundWorker, build_worker
 from mssante.settings import (
@@ -163,8 +163,8 @@ async def main(args: argparse.Namespace) -> None:
                 dkim_key_file=dkim_key,
             ),
         )
-        gw = Gateway(settings)
-        await gw.start(notify=False)
+        gw = Gateway(settings, roles={Role.GATEWAY})
+        await gw.start()
         stores: list[Store] = []
         try:
             t0 = time.perf_counter()

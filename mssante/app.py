@@ -11,8 +11,9 @@ import asyncio
 import contextlib
 import logging
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from datetime import timedelta
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -190,8 +191,25 @@ class TrustConfig:
         return self.reload()
 
 
+class Role(StrEnum):
+    """What one process of the service does (``mssante serve --role``).
+
+    Gateways are stateless and scale out behind MX records; the workers
+    claim queue rows with leases, so any number of them can run; the web
+    role serves the patients' webmail and the admin API.  Every role
+    shares the database and the data directory (HACKING.md, scaling out).
+    """
+
+    GATEWAY = "gateway"  # SMTP MX and submission listeners
+    WORKER = "worker"  # notification e-mails, bounce listener, outbound queue
+    WEB = "web"  # webmail (and the admin API)
+
+
+ALL_ROLES: frozenset[Role] = frozenset(Role)
+
+
 class Gateway:
-    """The running service: store and SMTP listener."""
+    """One process of the service: the store and the parts its roles run."""
 
     def __init__(
         self,
@@ -200,8 +218,10 @@ class Gateway:
         clock: Clock | None = None,
         dns: Resolver | None = None,
         worker: int = 0,
+        roles: Collection[Role] = ALL_ROLES,
     ) -> None:
         self.settings = settings
+        self.roles = frozenset(roles)
         self.clock = clock or SystemClock()
         for name in QUIET_LOGGERS:
             logging.getLogger(name).setLevel(logging.WARNING)
@@ -290,32 +310,32 @@ class Gateway:
             clock=self.clock,
             on_failure=[non_delivery_recorder(self.store)],
         )
-        # The patient webmail (web/), served from the first worker only.
+        # The patient webmail (web/).
         self.web: WebServer | None = None
-        if settings.web.enabled:
+        if settings.web.enabled and Role.WEB in self.roles:
             self.web = WebServer(self.store, clock=self.clock, pseudonym=self.pseudonym)
         self._watch: asyncio.Task[None] | None = None
 
-    async def start(self, *, notify: bool = True) -> None:
+    async def start(self) -> None:
         await self.store.open()
-        # What a crash of this gateway left half-received was never acknowledged.
-        removed = await asyncio.to_thread(self.store.blobs.clean_spool)
-        if removed:
-            log.warning("removed %d unfinished spool file(s) left by a crash", removed)
-        if notify:
+        if Role.GATEWAY in self.roles:
+            # What a crash of this gateway left half-received was never acknowledged.
+            removed = await asyncio.to_thread(self.store.blobs.clean_spool)
+            if removed:
+                log.warning("removed %d unfinished spool file(s) left by a crash", removed)
+        if Role.WORKER in self.roles:
             await self.notifier.start(worker=self.settings.notify.worker_enabled)
             if self.settings.outbound.worker_enabled:
                 self.outbound.start()
-        await self.smtp.start()
-        for listener in self.submission:
-            await listener.start()
-        if self.web is not None and notify:
+        if Role.GATEWAY in self.roles:
+            await self.smtp.start()
+            for listener in self.submission:
+                await listener.start()
+            log.info("SMTP listening on %s:%d", self.settings.smtp.host, self.smtp.port)
+        if self.web is not None:
             await self.web.start()
             log.info("webmail listening on %s", self.web.url)
-        else:
-            self.web = None
         self._watch = asyncio.create_task(self._watch_trust_files(), name="trust-watch")
-        log.info("SMTP listening on %s:%d", self.settings.smtp.host, self.smtp.port)
 
     async def _watch_trust_files(self) -> None:
         while True:

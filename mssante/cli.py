@@ -21,7 +21,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
 from mssante import demo
-from mssante.app import Gateway, Store, run_with_store
+from mssante.app import ALL_ROLES, Gateway, Role, Store, run_with_store
 from mssante.clock import SystemClock
 from mssante.notify.cli import notify
 from mssante.outbound.cli import queue
@@ -585,12 +585,28 @@ Then look at the mailbox:
 {webmail}"""
 
 
+ROLE_CHOICES = ["all", *(role.value for role in Role)]
+
+
+def _roles(role: str) -> frozenset[Role]:
+    return ALL_ROLES if role == "all" else frozenset({Role(role)})
+
+
 @main.command()
 @click.option(
     "--demo/--no-demo",
     "with_demo",
     default=False,
     help="Seed the demo patients and print how to send a first message.",
+)
+@click.option(
+    "--role",
+    type=click.Choice(ROLE_CHOICES),
+    default="all",
+    show_default=True,
+    help="What this process runs: gateway (SMTP listeners), worker (notifications, bounces,"
+    " outbound queue), web (webmail, admin API) or all of them. Every role serves the"
+    " metrics and health probes.",
 )
 @click.option("--worker", is_flag=True, hidden=True, help="Run as a worker of serve (workers.py).")
 @click.option("--worker-index", type=int, default=0, hidden=True)
@@ -600,14 +616,17 @@ Then look at the mailbox:
 def serve(
     ctx: click.Context,
     with_demo: bool,
+    role: str,
     worker: bool,
     worker_index: int,
     ready_fd: int | None,
     parent: int | None,
 ) -> None:
-    """Run the SMTP gateway until interrupted."""
+    """Run the service (or one role of it) until SIGTERM."""
     settings = _settings(ctx)
-    workers = settings.smtp.workers
+    roles = _roles(role)
+    # smtp.workers: processes sharing the SMTP ports, for the gateway role only.
+    workers = settings.smtp.workers if Role.GATEWAY in roles else 1
     log_format = "%(asctime)s %(levelname)s %(name)s %(message)s"
     if workers > 1:
         log_format = "%(asctime)s %(levelname)s [%(process)d] %(name)s %(message)s"
@@ -615,20 +634,23 @@ def serve(
     if worker and parent is not None:
         die_with_parent(parent)
     if workers > 1 and not worker:
-        _supervise(ctx, settings, with_demo)
+        _supervise(ctx, settings, role, with_demo)
         return
+    if worker_index > 0:
+        # The other roles run once, in the first worker process.
+        roles = frozenset({Role.GATEWAY})
 
     async def run() -> None:
         # Handlers first: a SIGTERM during start-up still stops cleanly.
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         install_signals(loop, stop.set)
-        gateway = Gateway(settings, worker=worker_index)
+        gateway = Gateway(settings, worker=worker_index, roles=roles)
         loop.add_signal_handler(signal.SIGHUP, gateway.trust.reload)
-        # With several workers, notifications run in the first one only.
-        await gateway.start(notify=worker_index == 0)
+        await gateway.start()
         if with_demo:
             await seed_demo(gateway.store, passwords=True)
+        if with_demo and Role.GATEWAY in roles:
             sub = gateway.submission[0].port if gateway.submission else None
             web = gateway.web.url if gateway.web is not None else None
             click.echo(_demo_banner(settings, gateway.smtp.port, sub, web))
@@ -639,7 +661,7 @@ def serve(
     asyncio.run(run())
 
 
-def _supervise(ctx: click.Context, settings: Settings, with_demo: bool) -> None:
+def _supervise(ctx: click.Context, settings: Settings, role: str, with_demo: bool) -> None:
     async def run() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -652,13 +674,13 @@ def _supervise(ctx: click.Context, settings: Settings, with_demo: bool) -> None:
                 await seed_demo(gateway.store, passwords=True)
         finally:
             await gateway.store.close()
-        supervisor = Supervisor(settings, config_path=ctx.meta.get("config_path"))
+        supervisor = Supervisor(settings, config_path=ctx.meta.get("config_path"), role=role)
         loop.add_signal_handler(signal.SIGHUP, supervisor.signal_all, signal.SIGHUP)
         ports = await supervisor.start(settings.smtp.workers)
         click.echo(f"{settings.smtp.workers} workers listening on {settings.smtp.host}")
         if with_demo:
             web = None
-            if settings.web.enabled:
+            if settings.web.enabled and Role.WEB in _roles(role):
                 scheme = "https" if settings.web.tls_cert else "http"
                 web = f"{scheme}://{settings.web.host}:{settings.web.port}"
             click.echo(_demo_banner(settings, ports.smtp, ports.submission, web))

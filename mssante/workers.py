@@ -82,8 +82,9 @@ class Ports:
 
 
 class Supervisor:
-    def __init__(self, settings: Settings, *, config_path: Path | None) -> None:
+    def __init__(self, settings: Settings, *, config_path: Path | None, role: str) -> None:
         self.settings = settings
+        self._role = role
         self._config_path = config_path
         self._procs: dict[int, asyncio.subprocess.Process] = {}
         self._stopping = False
@@ -113,6 +114,7 @@ class Supervisor:
             "mssante",
             "serve",
             "--worker",
+            f"--role={self._role}",
             f"--worker-index={index}",
             f"--ready-fd={write_fd}",
             f"--parent={os.getpid()}",

@@ -21,7 +21,7 @@ import pytest
 from sqlalchemy import func, select
 
 from mssante import demo
-from mssante.app import Gateway
+from mssante.app import Gateway, Role
 from mssante.cli import seed_demo
 from mssante.routing.ins import with_key
 from mssante.settings import LimitsSettings
@@ -69,8 +69,8 @@ async def start_gateway(
         settings = make_settings(data_dir, database_url=db_url, max_message_size=200_000, **smtp)
         if limits is not None:
             settings = settings.model_copy(update={"limits": limits})
-        gw = Gateway(settings, clock=clock)
-        await gw.start(notify=False)
+        gw = Gateway(settings, clock=clock, roles={Role.GATEWAY})
+        await gw.start()
         started.append(gw)
         await seed_demo(gw.store)
         return gw
