@@ -337,12 +337,36 @@ class Gateway:
             log.info("webmail listening on %s", self.web.url)
         self._watch = asyncio.create_task(self._watch_trust_files(), name="trust-watch")
 
+    def reload(self) -> None:
+        """SIGHUP: the whitelist, trust anchors, CRLs and the SMTP certificate
+        (TrustConfig: a bad file keeps the previous state), and the webmail's
+        certificate; each applies to the next session or handshake."""
+        self.trust.reload()
+        if self.web is not None:
+            self.web.reload_certificate()
+
     async def _watch_trust_files(self) -> None:
         while True:
             await asyncio.sleep(self.settings.trust.reload_interval)
             self.trust.reload_if_changed()
 
-    async def stop(self) -> None:
+    async def stop(self, *, grace: float | None = None) -> None:
+        """Stop every part.  With ``grace`` (SIGTERM: ``smtp.shutdown_grace``)
+        the SMTP sessions in progress may first finish their transaction, new
+        ones hearing ``421 4.3.2`` meanwhile (SmtpListener.shut_down); then
+        the webmail finishes its requests, the workers their pass under way,
+        and the writer commits what is waiting (each 250 still follows its
+        commit)."""
+        if grace is not None and Role.GATEWAY in self.roles:
+            listeners = [self.smtp, *self.submission]
+            log.info(
+                "shutting down: %d SMTP session(s) in progress, %.0f s to finish",
+                sum(listener.sessions for listener in listeners),
+                grace,
+            )
+            cut = await asyncio.gather(*(listener.shut_down(grace) for listener in listeners))
+            if sum(cut):
+                log.warning("shutdown deadline: %d SMTP session(s) cut with 421 4.3.2", sum(cut))
         if self._watch is not None:
             self._watch.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -646,7 +646,7 @@ def serve(
         loop = asyncio.get_running_loop()
         install_signals(loop, stop.set)
         gateway = Gateway(settings, worker=worker_index, roles=roles)
-        loop.add_signal_handler(signal.SIGHUP, gateway.trust.reload)
+        loop.add_signal_handler(signal.SIGHUP, gateway.reload)
         await gateway.start()
         if with_demo:
             await seed_demo(gateway.store, passwords=True)
@@ -656,7 +656,7 @@ def serve(
             click.echo(_demo_banner(settings, gateway.smtp.port, sub, web))
         notify_ready(ready_fd)
         await stop.wait()
-        await gateway.stop()
+        await gateway.stop(grace=settings.smtp.shutdown_grace)
 
     asyncio.run(run())
 

@@ -11,7 +11,7 @@ import ssl
 from collections.abc import Callable
 from typing import Any
 
-from mssante.smtp import speedups
+from mssante.smtp import replies, speedups
 from mssante.smtp.protocol import GatewayProtocol
 from mssante.smtp.session import Policy
 
@@ -49,6 +49,23 @@ class SmtpListener:
         self._timeout = timeout
         self._tls = tls_context
         self._server: asyncio.Server | None = None
+        self._sessions: set[GatewayProtocol] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._shutting_down = False
+
+    def _new_connection(self) -> asyncio.Protocol:
+        if self._shutting_down:
+            return _ShuttingDown()
+        protocol = self._protocol()
+        self._sessions.add(protocol)
+        self._idle.clear()
+        return protocol
+
+    def _session_ended(self, protocol: GatewayProtocol) -> None:
+        self._sessions.discard(protocol)
+        if not self._sessions:
+            self._idle.set()
 
     def _protocol(self) -> GatewayProtocol:
         if self._auth is None:
@@ -70,6 +87,7 @@ class SmtpListener:
             require_starttls=self._require_tls and not self._implicit,
             timeout=self._timeout,
             loop=asyncio.get_running_loop(),
+            on_end=self._session_ended,
             **auth,
         )
 
@@ -90,7 +108,11 @@ class SmtpListener:
         loop = asyncio.get_running_loop()
         tls = self._implicit_context() if self._implicit else None
         self._server = await loop.create_server(
-            self._protocol, self._host, self._port, ssl=tls, reuse_port=self._reuse_port or None
+            self._new_connection,
+            self._host,
+            self._port,
+            ssl=tls,
+            reuse_port=self._reuse_port or None,
         )
 
     @property
@@ -99,8 +121,45 @@ class SmtpListener:
         port: int = self._server.sockets[0].getsockname()[1]
         return port
 
+    @property
+    def sessions(self) -> int:
+        """Sessions in progress."""
+        return len(self._sessions)
+
+    async def shut_down(self, grace: float) -> int:
+        """Graceful stop (SIGTERM, issue 9.5).
+
+        New connections are still accepted but only to hear ``421 4.3.2``
+        (RFC 5321 3.8), so a sending MTA tries another MX at once instead of
+        timing out.  Sessions in progress end with ``421 4.3.2`` as soon as
+        they are between transactions; at ``grace`` seconds the ones still
+        open get it too (a message not yet acknowledged is the client's to
+        send again: nothing acknowledged is lost).  Returns how many
+        sessions were cut at the deadline.
+        """
+        self._shutting_down = True
+        for session in list(self._sessions):
+            session.begin_shutdown()
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout=grace)
+            return 0
+        except TimeoutError:
+            cut = list(self._sessions)
+            for session in cut:
+                session.hang_up_shutting_down()
+            return len(cut)
+
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
             self._server = None
+
+
+class _ShuttingDown(asyncio.Protocol):
+    """A connection that arrives during a graceful stop: ``421 4.3.2``, closed."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.WriteTransport)
+        transport.write(f"{replies.SHUTTING_DOWN}\r\n".encode("ascii"))
+        transport.close()

@@ -100,7 +100,13 @@ class GatewayProtocol(SMTP):
     """One SMTP connection.  ``handler`` is a :class:`session.Policy`."""
 
     def __init__(
-        self, handler: Any, *, max_message_size: int, max_header_size: int, **kwargs: Any
+        self,
+        handler: Any,
+        *,
+        max_message_size: int,
+        max_header_size: int,
+        on_end: Callable[[GatewayProtocol], None] | None = None,
+        **kwargs: Any,
     ) -> None:
         # SIZE is ours (session.py answers it from the reply table), so
         # aiosmtpd's own check is off.  SMTPUTF8 (RFC 6531) is offered; an
@@ -110,6 +116,8 @@ class GatewayProtocol(SMTP):
         self.max_message_size = max_message_size
         self.max_header_size = max_header_size
         self._raw_replies = False
+        self._shutting_down = False
+        self._on_end = on_end  # the listener counts sessions in progress
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -127,6 +135,8 @@ class GatewayProtocol(SMTP):
     def connection_lost(self, error: Exception | None) -> None:
         self._drop_chunks()  # never acknowledged: nothing of it is kept
         super().connection_lost(error)
+        if self._on_end is not None:
+            self._on_end(self)
 
     def _set_post_data_state(self) -> None:
         # End of a message, RSET, EHLO/HELO, STARTTLS: a new transaction, so
@@ -202,6 +212,36 @@ class GatewayProtocol(SMTP):
         if status.startswith("421 ") and self.transport is not None:
             # RFC 5321 3.8: 421 closes the transmission channel.
             self.transport.close()
+        elif self._shutting_down and status[3:4] == " " and not self._in_transaction():
+            # The last line of a reply that ended a transaction (or came
+            # outside one): the session may not start another.
+            self._say_shutting_down()
+
+    def begin_shutdown(self) -> None:
+        """SIGTERM (issue 9.5): this session ends with ``421 4.3.2`` as soon
+        as no transaction is in progress: now if it is between transactions,
+        else right after the reply that ends the current one (its 250 is
+        sent only after the commit, as always)."""
+        self._shutting_down = True
+        if not self._in_transaction():
+            self._say_shutting_down()
+
+    def hang_up_shutting_down(self) -> None:
+        """The shutdown deadline: ``421 4.3.2`` even in a transaction; what
+        was not acknowledged yet is dropped and the client sends it again."""
+        self._shutting_down = True
+        self._say_shutting_down()
+
+    def _in_transaction(self) -> bool:
+        return self._chunks is not None or (
+            self.envelope is not None and self.envelope.mail_from is not None
+        )
+
+    def _say_shutting_down(self) -> None:
+        transport = self.transport
+        if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
+            transport.write(f"{replies.SHUTTING_DOWN}\r\n".encode("ascii"))
+            transport.close()
 
     def _is_greeting(self, status: str) -> bool:
         return status.startswith(f"220 {self.hostname} ")

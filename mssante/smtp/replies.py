@@ -281,6 +281,14 @@ STORAGE_FULL = Reply(
     "Espace de stockage insuffisant, reessayez plus tard (ref {log_id})"
     " / Insufficient system storage, try again later",
 )
+# RFC 5321 3.8 and 4.2.3: 421 when the service is about to close; RFC 3463
+# X.3.2: "system not accepting network messages" (the node is stopping; the
+# client tries another MX or later).
+SHUTTING_DOWN = Reply(
+    421,
+    "4.3.2",
+    "Service en cours d'arret, reessayez plus tard / Service shutting down, try again later",
+)
 
 
 # aiosmtpd answers command syntax itself.  We advertise ENHANCEDSTATUSCODES,

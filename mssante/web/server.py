@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import ssl
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -18,6 +20,8 @@ import uvicorn
 from mssante.clock import Clock
 from mssante.pseudonym import Pseudonymizer
 from mssante.web.app import create_app
+
+log = logging.getLogger("mssante.web")
 
 if TYPE_CHECKING:
     from mssante.app import Store
@@ -76,6 +80,21 @@ class WebServer:
             await asyncio.sleep(0.01)
         sockets = self._server.servers[0].sockets
         self.port = sockets[0].getsockname()[1]
+
+    def reload_certificate(self) -> bool:
+        """SIGHUP: load ``web.tls_cert``/``tls_key`` again into the running
+        context; the next TLS handshakes use them (a renewed certificate
+        needs no restart).  A bad file keeps the previous one in force."""
+        context = self._server.config.ssl
+        config = self._server.config
+        if context is None or not config.ssl_certfile:
+            return False
+        try:
+            context.load_cert_chain(str(config.ssl_certfile), config.ssl_keyfile)
+        except (OSError, ssl.SSLError) as exc:
+            log.error("webmail certificate reload failed, previous one kept: %s", exc)
+            return False
+        return True
 
     async def stop(self) -> None:
         if self._task is None:
