@@ -67,6 +67,11 @@ class FakeSmarthost:
             self._gate.set()
         self._gate = None
 
+    async def wait_received(self, n: int, timeout: float = 60) -> None:
+        """Until ``n`` messages were accepted."""
+        async with self._changed:
+            await asyncio.wait_for(self._changed.wait_for(lambda: len(self.received) >= n), timeout)
+
     async def wait_waiting(self, n: int) -> None:
         """Until ``n`` messages are held at the end of DATA at the same time."""
         async with self._changed:
@@ -140,6 +145,8 @@ class FakeSmarthost:
         self.received.append(
             Received(envelope.mail_from, list(envelope.rcpt_tos), envelope.content)
         )
+        async with self._changed:
+            self._changed.notify_all()
         return "250 2.0.0 Ok: queued"
 
 
