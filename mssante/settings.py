@@ -7,6 +7,7 @@ default so the server starts with no file at all (the Quick start).
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import tomllib
@@ -20,6 +21,7 @@ from pydantic import (
     SecretStr,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 ENV_PREFIX = "MSSANTE_"
@@ -96,8 +98,8 @@ class StoreSettings(_Section):
     database_url: str | None = Field(
         None, description="SQLAlchemy async URL; default SQLite in data_dir."
     )
-    sqlite_synchronous: str = Field(
-        "FULL", pattern="^(FULL|EXTRA)$", description="SQLite synchronous pragma (durability)."
+    sqlite_synchronous: Literal["FULL", "EXTRA"] = Field(
+        "FULL", description="SQLite synchronous pragma (durability)."
     )
     max_batch: int = Field(64, ge=1, description="Largest number of deliveries committed together.")
     keys_dir: Path | None = Field(
@@ -465,6 +467,37 @@ class AdminSettings(_Section):
         10_000, ge=1, le=1_000_000, description="Largest number of changes in one bulk request."
     )
 
+    @model_validator(mode="after")
+    def _check_authentication(self) -> AdminSettings:
+        # Each message names the keys, their values and the fix: the service
+        # refuses to start rather than serve the directory to anyone.
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError(
+                f"admin.tls_cert = {_toml_value(str(self.tls_cert or ''))} and admin.tls_key ="
+                f" {_toml_value(str(self.tls_key or ''))}: set both (HTTPS) or neither"
+            )
+        if self.client_ca is not None and self.tls_cert is None:
+            raise ValueError(
+                f"admin.client_ca = {_toml_value(str(self.client_ca))} needs TLS: set"
+                " admin.tls_cert and admin.tls_key (mutual TLS is a TLS handshake)"
+            )
+        if not self.enabled:
+            return self
+        if self.client_ca is None and self.tokens_file is None:
+            raise ValueError(
+                "admin.enabled = true with neither admin.client_ca nor admin.tokens_file: set"
+                " admin.client_ca (mutual TLS) and/or admin.tokens_file (bearer tokens, made by"
+                " `mssante admin new-token`), or admin.enabled = false"
+            )
+        loopback = self.host in ("localhost", "::1") or self.host.startswith("127.")
+        if self.tls_cert is None and not loopback:
+            raise ValueError(
+                f"admin.host = {_toml_value(self.host)} without admin.tls_cert: bearer tokens"
+                " would cross the network in clear; set admin.tls_cert and admin.tls_key, or"
+                ' bind to loopback (admin.host = "127.0.0.1") behind a TLS proxy'
+            )
+        return self
+
 
 class OpsSettings(_Section):
     """Prometheus metrics and health probes for monitoring (issue 9, mssante/ops)."""
@@ -531,16 +564,61 @@ def load_settings(path: Path | None = None, environ: dict[str, str] | None = Non
             data = tomllib.loads(path.read_text(encoding="utf-8"))
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise SettingsError(f"{path}: cannot read configuration: {exc}") from exc
+    from_env: set[tuple[str, str]] = set()
     for section, values in _env_overrides(dict(os.environ if environ is None else environ)).items():
         data.setdefault(section, {}).update(values)
+        from_env.update((section, key) for key in values)
     try:
         return Settings.model_validate(data)
     except ValidationError as exc:
-        lines = []
-        for err in exc.errors():
-            key = ".".join(str(p) for p in err["loc"])
-            lines.append(f"{key} = {err.get('input')!r}: {err['msg']}")
+        where = f" in {path}" if path is not None else ""
+        lines = [_explain(err, from_env, where) for err in exc.errors()]
         raise SettingsError("invalid configuration:\n  " + "\n  ".join(lines)) from exc
+
+
+def _explain(err: Any, from_env: set[tuple[str, str]], where: str) -> str:
+    """One line per problem: the key, its value, where it was set, and the fix."""
+    loc = [str(p) for p in err["loc"]]
+    key = ".".join(loc)
+    source = where
+    if len(loc) >= 2 and (loc[0], loc[1]) in from_env:
+        source = f" from ${ENV_PREFIX}{loc[0].upper()}__{loc[1].upper()}"
+    if err["type"] == "extra_forbidden":
+        known = _known_keys(loc[:-1])
+        fix = "unknown key: remove it"
+        close = difflib.get_close_matches(loc[-1], known, n=1)
+        if close:
+            fix += f" or write {'.'.join([*loc[:-1], close[0]])!r}"
+        return f"{key}{source}: {fix}"
+    if err["type"] == "value_error" and len(loc) == 1:
+        # A section's own check (a model validator): its message names the keys.
+        return f"{key}{source}: {str(err['msg']).removeprefix('Value error, ')}"
+    fix = str(err["msg"]).replace("Input should", "should", 1)
+    description = _description(loc)
+    hint = f" ({description})" if description else ""
+    return f"{key} = {err.get('input')!r}{source}: {fix}{hint}"
+
+
+def _model_at(loc: list[str]) -> type[BaseModel] | None:
+    model: type[BaseModel] = Settings
+    for part in loc:
+        field = model.model_fields.get(part)
+        annotation = field.annotation if field is not None else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    return model
+
+
+def _known_keys(loc: list[str]) -> list[str]:
+    model = _model_at(loc)
+    return list(model.model_fields) if model is not None else []
+
+
+def _description(loc: list[str]) -> str | None:
+    model = _model_at(loc[:-1]) if loc else None
+    field = model.model_fields.get(loc[-1]) if model is not None else None
+    return field.description if field is not None else None
 
 
 def _toml_value(value: Any) -> str:

@@ -40,3 +40,24 @@ def test_error_names_key_value_and_problem(tmp_path: Path) -> None:
     text = str(err.value)
     assert "smtp.port = 70000" in text
     assert "smtp.bogus" in text
+
+
+def test_errors_say_where_and_how_to_fix(tmp_path: Path) -> None:
+    """Issue 9.1: each problem names the key, the value, where it was set and the fix."""
+    f = tmp_path / "c.toml"
+    f.write_text('[smtp]\nprot = 25\n[notfy]\nx = 1\n[store]\nsqlite_synchronous = "MAYBE"\n')
+    with pytest.raises(SettingsError) as err:
+        load_settings(f, environ={"MSSANTE_WEB__PORT": "abc"})
+    lines = str(err.value).splitlines()[1:]
+    assert f"  smtp.prot in {f}: unknown key: remove it or write 'smtp.port'" in lines
+    assert f"  notfy in {f}: unknown key: remove it or write 'notify'" in lines
+    assert (
+        f"  store.sqlite_synchronous = 'MAYBE' in {f}: should be 'FULL' or 'EXTRA'"
+        " (SQLite synchronous pragma (durability).)" in lines
+    )
+    web = [line for line in lines if line.startswith("  web.port")]
+    assert web == [
+        "  web.port = 'abc' from $MSSANTE_WEB__PORT: should be a valid integer, unable to parse"
+        " string as an integer (Webmail HTTP(S) port.)"
+    ]
+    assert len(lines) == 4
