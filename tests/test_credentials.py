@@ -45,6 +45,7 @@ from mssante.store.models import (
     ProfileStatus,
     WebSession,
 )
+from mssante.store.patient_changes import PatientChange, apply
 from tests.conftest import FakeClock, make_settings
 from tests.test_gateway import addr, rcpt_reply
 
@@ -313,9 +314,8 @@ async def test_activation_refused_when_the_status_changed_meanwhile(
     assert result.patient_id is not None
 
     async def oppose(session: AsyncSession) -> None:
-        await dirops.set_status(
-            session, demo.CREATED_EMAIL, ProfileStatus.OPPOSED, at=clock.now(), actor="test"
-        )
+        change = PatientChange(demo.CREATED_EMAIL, {"status": ProfileStatus.OPPOSED})
+        await apply(session, change, at=clock.now(), actor="test", details={})
 
     await store.writer.run(oppose)
     done = await credentials.activate(

@@ -18,6 +18,7 @@ from mssante.store import crypto
 from mssante.store.crypto import DecryptionError, StreamEncryptor, decrypt_all
 from mssante.store.keys import KeyDestroyedError
 from mssante.store.models import Message, PatientKey
+from mssante.store.patient_changes import PatientChange, apply
 from mssante.store.reading import read_view
 from tests.conftest import FakeClock, make_settings
 from tests.test_gateway import DOCTOR, addr, professional_message
@@ -106,9 +107,8 @@ async def test_crypto_shredding_erases_one_patient_only(gateway: Gateway, clock:
     async def close_and_erase(session):  # type: ignore[no-untyped-def]
         with pytest.raises(ValueError, match="close it before erasing"):
             await dirops.erase_patient(session, demo.ACTIVATED, at=clock.now(), actor="t")
-        await dirops.set_status(
-            session, demo.ACTIVATED, ProfileStatus.CLOSED, at=clock.now(), actor="t"
-        )
+        change = PatientChange(demo.ACTIVATED, {"status": ProfileStatus.CLOSED})
+        await apply(session, change, at=clock.now(), actor="t", details={})
         return await dirops.erase_patient(session, demo.ACTIVATED, at=clock.now(), actor="t")
 
     assert await store.writer.run(close_and_erase) is True

@@ -184,30 +184,6 @@ async def set_links(
     await session.flush()
 
 
-async def set_status(
-    session: AsyncSession, ins: str, status: ProfileStatus, *, at: datetime, actor: str
-) -> Patient:
-    patient = await get_patient(session, ins)
-    if patient is None:
-        raise LookupError("patient not found")
-    old = patient.status
-    if old is status:
-        return patient
-    patient.status = status
-    patient.updated_at = at
-    if status is ProfileStatus.ACTIVATED and patient.activated_at is None:
-        patient.activated_at = at
-    await audit.append(
-        session,
-        at=at,
-        kind="patient.status_changed",
-        actor=actor,
-        patient_id=patient.id,
-        details={"from": old.value, "to": status.value},
-    )
-    return patient
-
-
 async def erase_patient(session: AsyncSession, ins: str, *, at: datetime, actor: str) -> bool:
     """Crypto-shred a closed or opposed profile: destroy its data key (audited).
 
