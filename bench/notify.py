@@ -40,6 +40,7 @@ from mssante.notify.service import Notifier
 from mssante.routing.ins import with_key
 from mssante.settings import (
     NotifySettings,
+    OpsSettings,
     Settings,
     SmtpSettings,
     StoreSettings,
@@ -137,6 +138,7 @@ async def main(args: argparse.Namespace) -> None:
             store=StoreSettings(data_dir=data, database_url=args.database_url),
             trust=TrustSettings(require_client_certificate=False),
             submission=SubmissionSettings(enabled=False),
+            ops=OpsSettings(port=0),  # no fixed port
             notify=NotifySettings(
                 worker_enabled=False,
                 transport="smarthost",

@@ -39,6 +39,7 @@ from mssante.app import Gateway, Role, Store
 from mssante.dkim import generate_key
 from mssante.outbound.worker import OutboundWorker, build_worker
 from mssante.settings import (
+    OpsSettings,
     OutboundSettings,
     Settings,
     SmtpSettings,
@@ -154,6 +155,7 @@ async def main(args: argparse.Namespace) -> None:
             smtp=SmtpSettings(port=0, hostname=HOSTNAME, require_tls=False),
             store=StoreSettings(data_dir=data, database_url=args.database_url),
             trust=TrustSettings(anchors=ca, whitelist=listed),
+            ops=OpsSettings(port=0),  # no fixed port
             submission=SubmissionSettings(enabled=False),
             outbound=OutboundSettings(
                 worker_enabled=False,

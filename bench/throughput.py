@@ -501,6 +501,7 @@ def make_server(
             "MSSANTE_SMTP__PORT": str(port),
             "MSSANTE_SUBMISSION__PORT": "0",
             "MSSANTE_WEB__ENABLED": "false",  # SMTP only; bench/webmail.py measures the webmail
+            "MSSANTE_OPS__PORT": "0",  # metrics served (and recorded) as in production
             "MSSANTE_SMTP__WORKERS": str(workers),
             **MSSANTE_BENCH,
         }

@@ -91,6 +91,7 @@ from mssante import demo  # noqa: E402
 from mssante.clock import SystemClock  # noqa: E402
 from mssante.settings import (  # noqa: E402
     LimitsSettings,
+    OpsSettings,
     Settings,
     SmtpSettings,
     StoreSettings,
@@ -124,6 +125,7 @@ def bench_settings(spec: dict[str, Any]) -> Settings:
         store=StoreSettings(data_dir=Path(spec["data_dir"]), database_url=spec["database_url"]),
         trust=TrustSettings(require_client_certificate=False),
         submission=SubmissionSettings(enabled=False),
+        ops=OpsSettings(port=0),  # no fixed port
         # One peer (127.0.0.1) sends everything: the per-peer limit would
         # answer 451 after 120 messages a minute.  The check still runs.
         limits=LimitsSettings(messages_per_minute=100_000_000),

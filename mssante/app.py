@@ -19,9 +19,12 @@ from typing import Any, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from mssante.admin.server import AdminServer
 from mssante.clock import Clock, SystemClock
 from mssante.dkim import DkimVerifier, Resolver
+from mssante.metrics import Metrics
 from mssante.notify.service import Notifier
+from mssante.ops.server import OpsServer
 from mssante.outbound.queue import OutboundQueue
 from mssante.outbound.replies import non_delivery_recorder
 from mssante.outbound.worker import OutboundWorker, build_worker
@@ -59,8 +62,12 @@ QUIET_LOGGERS = ("mail.log", "aiosqlite")
 class Store:
     """Database engines, the single writer and the blob store of one data directory."""
 
-    def __init__(self, settings: Settings, *, worker: int = 0) -> None:
+    def __init__(
+        self, settings: Settings, *, worker: int = 0, metrics: Metrics | None = None
+    ) -> None:
         self.settings = settings
+        # The process's metrics (metrics.py); the workers built on this store record there.
+        self.metrics = metrics or Metrics()
         self.data_dir = settings.store.data_dir
         url = settings.store.url()
         sync = settings.store.sqlite_synchronous
@@ -70,7 +77,9 @@ class Store:
         # Writer sessions: for the writer task, and for bulk tools (import)
         # that run in their own process.
         self.writer_sessions: SessionMaker = make_sessionmaker(self.write_engine)
-        self.writer = Writer(self.writer_sessions, max_batch=settings.store.max_batch)
+        self.writer = Writer(
+            self.writer_sessions, max_batch=settings.store.max_batch, metrics=self.metrics
+        )
         self.blobs = BlobStore(self.data_dir, worker=worker)
         self.directory = Directory(self.read_engine)
         self.keyring = Keyring(
@@ -222,10 +231,13 @@ class Gateway:
     ) -> None:
         self.settings = settings
         self.roles = frozenset(roles)
+        self.stopping = False  # /readyz says 503 from the start of a graceful stop
         self.clock = clock or SystemClock()
         for name in QUIET_LOGGERS:
             logging.getLogger(name).setLevel(logging.WARNING)
-        self.store = Store(settings, worker=worker)
+        # Prometheus metrics of this process (metrics.py), served by ops/.
+        self.metrics = Metrics()
+        self.store = Store(settings, worker=worker, metrics=self.metrics)
         self.pseudonym = Pseudonymizer.from_key_file(settings.store.data_dir / "pseudonym.key")
         self.trust = TrustConfig(settings)
         mailstore = MailStore(
@@ -269,13 +281,19 @@ class Gateway:
         policy = Policy(
             check_senders=settings.trust.require_client_certificate,
             refusal=smtp.refusal,
+            metrics=self.metrics.listener("mx"),
             **common,
         )
         self.smtp = SmtpListener(
             policy, host=smtp.host, port=smtp.port, require_tls=smtp.require_tls, **listener
         )
         # Submission: senders are checked against their account, not the whitelist.
-        submission = SubmissionPolicy(accounts=self.accounts, check_senders=False, **common)
+        submission = SubmissionPolicy(
+            accounts=self.accounts,
+            check_senders=False,
+            metrics=self.metrics.listener("submission"),
+            **common,
+        )
         sub = settings.submission
         ports = [(sub.port, False)]
         if sub.implicit_tls_port is not None:
@@ -314,6 +332,22 @@ class Gateway:
         self.web: WebServer | None = None
         if settings.web.enabled and Role.WEB in self.roles:
             self.web = WebServer(self.store, clock=self.clock, pseudonym=self.pseudonym)
+        # The admin API for the insurer's account system (admin/), beside the webmail.
+        self.admin: AdminServer | None = None
+        if settings.admin.enabled and Role.WEB in self.roles:
+            self.admin = AdminServer(
+                self.store, settings, clock=self.clock, pseudonym=self.pseudonym
+            )
+        # Metrics and probes (ops/), in every role: ops.port + worker index.
+        self.ops: OpsServer | None = None
+        if settings.ops.enabled:
+            self.ops = OpsServer(
+                self.store,
+                metrics=self.metrics,
+                clock=self.clock,
+                worker=worker,
+                stopping=lambda: self.stopping,
+            )
         self._watch: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -335,6 +369,12 @@ class Gateway:
         if self.web is not None:
             await self.web.start()
             log.info("webmail listening on %s", self.web.url)
+        if self.admin is not None:
+            await self.admin.start()
+            log.info("admin API listening on %s", self.admin.url)
+        if self.ops is not None:
+            await self.ops.start()
+            log.info("metrics and probes on %s", self.ops.url)
         self._watch = asyncio.create_task(self._watch_trust_files(), name="trust-watch")
 
     def reload(self) -> None:
@@ -344,6 +384,8 @@ class Gateway:
         self.trust.reload()
         if self.web is not None:
             self.web.reload_certificate()
+        if self.admin is not None:
+            self.admin.reload_certificate()
 
     async def _watch_trust_files(self) -> None:
         while True:
@@ -357,6 +399,7 @@ class Gateway:
         the webmail finishes its requests, the workers their pass under way,
         and the writer commits what is waiting (each 250 still follows its
         commit)."""
+        self.stopping = True
         if grace is not None and Role.GATEWAY in self.roles:
             listeners = [self.smtp, *self.submission]
             log.info(
@@ -373,9 +416,13 @@ class Gateway:
                 await self._watch
         if self.web is not None:
             await self.web.stop()
+        if self.admin is not None:
+            await self.admin.stop()
         for listener in self.submission:
             await listener.stop()
         await self.smtp.stop()
         await self.outbound.stop()
         await self.notifier.stop()
         await self.store.close()
+        if self.ops is not None:  # last: probes and metrics answer while the rest stops
+            await self.ops.stop()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import signal
 import sys
@@ -21,13 +20,15 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
 from mssante import demo
+from mssante.admin.cli import admin
 from mssante.app import ALL_ROLES, Gateway, Role, Store, run_with_store
 from mssante.clock import SystemClock
+from mssante.logs import configure_logging
 from mssante.notify.cli import notify
 from mssante.outbound.cli import queue
 from mssante.routing.ins import InsError, parse_ins
 from mssante.settings import Settings, SettingsError, example_toml, load_settings
-from mssante.store import audit, credentials
+from mssante.store import audit, credentials, patient_changes
 from mssante.store import directory as dirops
 from mssante.store.keys import KeyDestroyedError
 from mssante.store.migrations import SchemaError
@@ -173,6 +174,7 @@ def store_check(ctx: click.Context, remove_orphans: bool) -> None:
             st.blobs.delete(key)
         click.echo(f"removed {len(report.orphans)} orphan blobs")
         report.problems = [p for p in report.problems if not p.startswith("orphan blob")]
+        report.blobs -= len(report.orphans)  # the summary counts what is left
     for problem in report.problems:
         click.echo(f"PROBLEM {problem}")
     click.echo(
@@ -627,10 +629,7 @@ def serve(
     roles = _roles(role)
     # smtp.workers: processes sharing the SMTP ports, for the gateway role only.
     workers = settings.smtp.workers if Role.GATEWAY in roles else 1
-    log_format = "%(asctime)s %(levelname)s %(name)s %(message)s"
-    if workers > 1:
-        log_format = "%(asctime)s %(levelname)s [%(process)d] %(name)s %(message)s"
-    logging.basicConfig(level=logging.INFO, format=log_format)
+    configure_logging(settings.log, process_id=workers > 1)  # text or JSON lines (logs.py)
     if worker and parent is not None:
         die_with_parent(parent)
     if workers > 1 and not worker:
@@ -912,13 +911,18 @@ def patients_set_status(ctx: click.Context, ins: str, status: str) -> None:
 
     async def change(store: Store) -> str:
         async def job(session: Any) -> str:
-            try:
-                patient = await dirops.set_status(
-                    session, ins, ProfileStatus(status), at=clock.now(), actor="cli"
-                )
-            except LookupError as exc:
-                raise click.ClickException(str(exc)) from exc
-            return patient.status.value
+            # The same change as the admin API's: sessions end on opposition
+            # or closure, unused activation codes are revoked (patient_changes).
+            result = await patient_changes.apply(
+                session,
+                patient_changes.PatientChange(ins, {"status": ProfileStatus(status)}),
+                at=clock.now(),
+                actor="cli",
+                details={},
+            )
+            if isinstance(result, patient_changes.Refused):
+                raise click.ClickException(result.detail)
+            return status
 
         return await store.writer.run(job)
 
@@ -1006,3 +1010,4 @@ def patients_import(ctx: click.Context, file: Path, fmt: str | None, skip_invali
 
 main.add_command(notify)
 main.add_command(queue)
+main.add_command(admin)

@@ -295,6 +295,7 @@ class ServerProcess:
             MSSANTE_SMTP__PORT="0",
             MSSANTE_SUBMISSION__PORT="0",
             MSSANTE_WEB__PORT="0",  # no fixed port: the webmail listens too
+            MSSANTE_OPS__PORT="0",  # nor for the metrics endpoint
             # Every client is the same operator: the per-identity rate limit
             # (451 4.7.0) must not refuse the load, which checks storage.
             MSSANTE_LIMITS__MESSAGES_PER_MINUTE="1000000",

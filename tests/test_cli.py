@@ -26,6 +26,7 @@ def _env(data_dir: Path) -> dict[str, str]:
         MSSANTE_SMTP__PORT="0",
         MSSANTE_SUBMISSION__PORT="0",
         MSSANTE_WEB__PORT="0",  # no fixed port: the webmail listens too
+        MSSANTE_OPS__PORT="0",  # nor for the metrics endpoint
         PYTHONUNBUFFERED="1",
         COLUMNS="200",  # rich tables: no wrapping in the assertions
     )

@@ -122,6 +122,7 @@ def _mssante(data_dir: Path, db_url: str, *args: str) -> subprocess.CompletedPro
         MSSANTE_SMTP__PORT="0",
         MSSANTE_SUBMISSION__PORT="0",
         MSSANTE_WEB__PORT="0",  # no fixed port: the webmail listens too
+        MSSANTE_OPS__PORT="0",  # nor for the metrics endpoint
     )
     return subprocess.run(
         [sys.executable, "-m", "mssante", *args],

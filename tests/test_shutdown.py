@@ -19,6 +19,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from cryptography import x509
 from sqlalchemy import func, select
@@ -26,7 +27,7 @@ from sqlalchemy import func, select
 from mssante import demo
 from mssante.app import Gateway, Store
 from mssante.cli import seed_demo
-from mssante.settings import Settings
+from mssante.settings import OpsSettings, Settings
 from mssante.smtp import replies
 from mssante.store.models import Message
 from tests.conftest import FakeClock, make_settings
@@ -77,7 +78,10 @@ async def message_count(settings: Settings) -> int:
 
 @pytest.fixture
 async def started(data_dir: Path, db_url: str, clock: FakeClock) -> Gateway:
-    gw = Gateway(make_settings(data_dir, database_url=db_url), clock=clock)
+    settings = make_settings(data_dir, database_url=db_url).model_copy(
+        update={"ops": OpsSettings(port=0)}  # the readiness probe, during the stop
+    )
+    gw = Gateway(settings, clock=clock)
     await gw.start()
     await seed_demo(gw.store)
     return gw  # each test stops it: that is what it tests
@@ -92,9 +96,15 @@ async def test_sigterm_lets_the_transaction_finish_and_turns_new_sessions_away(
     assert (await idle.cmd("EHLO idle.test")).code == 250
     assert started.smtp.sessions == 2
 
-    stopping = asyncio.create_task(started.stop(grace=60))
-    # Between transactions: told at once, and the connection closes.
-    assert is_shutting_down(await idle.reply())
+    assert started.ops is not None
+    async with httpx.AsyncClient(base_url=started.ops.url) as probe:
+        assert (await probe.get("/readyz")).status_code == 200
+        stopping = asyncio.create_task(started.stop(grace=60))
+        # Between transactions: told at once, and the connection closes.
+        assert is_shutting_down(await idle.reply())
+        # The balancer is told to send nothing more here.
+        ready = await probe.get("/readyz")
+        assert (ready.status_code, ready.json()["shutdown"]) == (503, "failed")
     assert await idle.closed_by_server()
     await idle.close()
     # A new connection hears 421 4.3.2 instead of the greeting.

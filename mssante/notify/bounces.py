@@ -38,6 +38,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from mssante.clock import Clock
+from mssante.metrics import ListenerMetrics
 from mssante.notify.verp import VerpCodec
 from mssante.smtp import replies
 from mssante.smtp.protocol import GatewayProtocol
@@ -258,8 +259,10 @@ class BounceListener:
         hostname: str,
         tls_context: ssl.SSLContext | None,
         timeout: float = 60.0,
+        metrics: ListenerMetrics | None = None,
     ) -> None:
         self.policy = policy
+        self._metrics = metrics
         self._host = host
         self._port = port
         self._hostname = hostname
@@ -279,6 +282,7 @@ class BounceListener:
             timeout=self._timeout,
             loop=asyncio.get_running_loop(),
             auth_exclude_mechanism=["LOGIN", "PLAIN"],
+            metrics=self._metrics,
         )
 
     async def start(self) -> None:

@@ -127,6 +127,7 @@ class Notifier:
             poll_interval=n.poll_interval,
             show_sender_name=n.show_sender_name,
             pseudonym=pseudonym,
+            metrics=store.metrics,
         )
         self.bounces: BounceListener | None = None
         if n.bounce_port is not None:
@@ -140,6 +141,7 @@ class Notifier:
                 port=n.bounce_port,
                 hostname=settings.smtp.hostname,
                 tls_context=tls,
+                metrics=store.metrics.listener("bounce"),
             )
         self._task: asyncio.Task[None] | None = None
 

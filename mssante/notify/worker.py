@@ -54,6 +54,7 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from mssante.clock import Clock
 from mssante.dkim import DkimSigner
+from mssante.metrics import Metrics
 from mssante.notify.compose import NotificationEmail, Sender, compose
 from mssante.notify.transport import PermanentFailure, TemporaryFailure, Transport, TransportError
 from mssante.notify.verp import VerpCodec
@@ -331,7 +332,9 @@ class NotificationWorker:
         poll_interval: float,
         show_sender_name: bool,
         pseudonym: Pseudonymizer,
+        metrics: Metrics | None = None,
     ) -> None:
+        self._metrics = metrics or Metrics()
         self._reads = reads
         self._writer = writer
         self._sqlite = sqlite
@@ -472,6 +475,7 @@ class NotificationWorker:
             await self._failed(batch, exc, now, who)
             return None
         self.sent += 1
+        self._metrics.notification("email", "sent")
         log.info("notification e-mail sent to=%s notifications=%d", who, len(batch.ids))
         return path.message_id
 
@@ -488,6 +492,7 @@ class NotificationWorker:
                 rng=self._rng,
             )
         )
+        self._metrics.notification("email", "failed" if failed else "deferred")
         log.warning(
             "notification e-mail not sent to=%s code=%s %s",
             who,

@@ -53,6 +53,7 @@ from sqlalchemy.sql.elements import ColumnElement
 from mssante import dkim
 from mssante.clock import Clock
 from mssante.dkim import DkimSigner
+from mssante.metrics import Metrics
 from mssante.notify.service import worker_id as new_worker_id
 from mssante.notify.worker import RetryPolicy
 from mssante.outbound.delivery import (
@@ -280,7 +281,9 @@ class OutboundWorker:
         concurrency: int,
         poll_interval: float,
         on_failure: Sequence[FailureCallback] = (),
+        metrics: Metrics | None = None,
     ) -> None:
+        self._metrics = metrics or Metrics()
         self._reads = reads
         self._writer = writer
         self._sqlite = sqlite
@@ -476,6 +479,8 @@ class OutboundWorker:
                 return
         self.sent += sent
         self.failed += failed
+        self._metrics.outbound_recipients.labels("sent").inc(sent)
+        self._metrics.outbound_recipients.labels("failed").inc(failed)
 
     async def run_until_idle(self) -> int:
         """Passes until nothing is due now (``mssante queue run --once``)."""
@@ -594,4 +599,5 @@ def build_worker(
         concurrency=o.concurrency,
         poll_interval=o.poll_interval,
         on_failure=on_failure,
+        metrics=store.metrics,
     )

@@ -7,12 +7,13 @@ Three kinds, by their arguments: the MX (STARTTLS, no AUTH), submission on
 from __future__ import annotations
 
 import asyncio
+import functools
 import ssl
 from collections.abc import Callable
 from typing import Any
 
 from mssante.smtp import replies, speedups
-from mssante.smtp.protocol import GatewayProtocol
+from mssante.smtp.protocol import AlertingSSLProtocol, GatewayProtocol, record_handshake_failure
 from mssante.smtp.session import Policy
 
 
@@ -88,6 +89,7 @@ class SmtpListener:
             timeout=self._timeout,
             loop=asyncio.get_running_loop(),
             on_end=self._session_ended,
+            metrics=self._policy.metrics,
             **auth,
         )
 
@@ -104,15 +106,32 @@ class SmtpListener:
         base.sni_callback = pick
         return base
 
+    def _new_tls_connection(self, context: ssl.SSLContext) -> asyncio.BaseProtocol:
+        """Implicit TLS: the TLS layer around the session, as ``create_server(ssl=)``
+        builds it, but whose handshake's outcome we see: a failure is counted
+        and logged as on STARTTLS, and the client gets the TLS alert."""
+        loop = asyncio.get_running_loop()
+        session = self._new_connection()
+        handshake = loop.create_future()
+        handshake.add_done_callback(functools.partial(self._handshake_done, session))
+        return AlertingSSLProtocol(loop, session, context, handshake, server_side=True)
+
+    def _handshake_done(
+        self, session: asyncio.BaseProtocol, handshake: asyncio.Future[None]
+    ) -> None:
+        error = None if handshake.cancelled() else handshake.exception()
+        if not isinstance(session, GatewayProtocol) or session.session is not None:
+            return  # the handshake succeeded (connection_made ran), or shutting down
+        record_handshake_failure(self._policy.metrics, error or ConnectionResetError())
+        self._session_ended(session)  # it never began: connection_lost will not come
+
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        tls = self._implicit_context() if self._implicit else None
+        factory: Callable[[], asyncio.BaseProtocol] = self._new_connection
+        if self._implicit:
+            factory = functools.partial(self._new_tls_connection, self._implicit_context())
         self._server = await loop.create_server(
-            self._new_connection,
-            self._host,
-            self._port,
-            ssl=tls,
-            reuse_port=self._reuse_port or None,
+            factory, self._host, self._port, reuse_port=self._reuse_port or None
         )
 
     @property

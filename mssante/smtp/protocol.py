@@ -11,6 +11,10 @@ aiosmtpd parses commands, EHLO, STARTTLS and AUTH well.  Replaced or added:
 - ``handle_exception``: an unexpected error becomes ``451 4.3.0`` with a log
   id; the client never sees exception text.
 
+It also keeps the books: sessions, TLS failures, the data phase's
+outcome and time to 250 (metrics.py), and where each transaction ends
+(transaction.py: one log line per transaction).
+
 Session policy (EHLO keywords, MAIL, RCPT, storing) lives in session.py.
 """
 
@@ -21,6 +25,7 @@ import logging
 import re
 import secrets
 import ssl
+import time
 from asyncio import sslproto
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -28,10 +33,13 @@ from typing import Any
 
 from aiosmtpd.smtp import SMTP, TLSSetupException, syntax
 
+from mssante.metrics import ListenerMetrics, Metrics
 from mssante.smtp import replies
 from mssante.smtp.data import DataProblem, DataReceiver
 from mssante.smtp.dsn_parameters import DSN_PARAMETERS
 from mssante.smtp.replies import Reply
+from mssante.smtp.tls import handshake_failure
+from mssante.smtp.transaction import Transaction
 from mssante.store.blobs import Spool
 
 log = logging.getLogger("mssante.smtp")
@@ -87,6 +95,18 @@ def new_log_id() -> str:
     return secrets.token_hex(6)
 
 
+def record_handshake_failure(metrics: ListenerMetrics, error: BaseException | None) -> None:
+    """A server-side TLS handshake failed (STARTTLS here, implicit TLS in listener.py)."""
+    reason, detail = handshake_failure(error)
+    metrics.tls_failed(reason)
+    # The client got the TLS alert (AlertingSSLProtocol); the connection is closed.
+    log.info(
+        "TLS handshake failed: %s",
+        detail,
+        extra={"fields": {"event": "smtp.tls_failed", "listener": metrics.name, "reason": reason}},
+    )
+
+
 @dataclass
 class _Chunks:
     """A message arriving in BDAT chunks: its spool and receiver, kept
@@ -106,12 +126,17 @@ class GatewayProtocol(SMTP):
         max_message_size: int,
         max_header_size: int,
         on_end: Callable[[GatewayProtocol], None] | None = None,
+        metrics: ListenerMetrics | None = None,
         **kwargs: Any,
     ) -> None:
         # SIZE is ours (session.py answers it from the reply table), so
         # aiosmtpd's own check is off.  SMTPUTF8 (RFC 6531) is offered; an
         # address that needs it without it is refused in session.py.
         self._chunks: _Chunks | None = None
+        self.metrics = metrics or Metrics().listener("mx")
+        # The open transaction (from MAIL to the reply to its data).
+        self.transaction: Transaction | None = None
+        self._counted = False
         super().__init__(handler, data_size_limit=None, enable_SMTPUTF8=True, **kwargs)
         self.max_message_size = max_message_size
         self.max_header_size = max_header_size
@@ -120,6 +145,11 @@ class GatewayProtocol(SMTP):
         self._on_end = on_end  # the listener counts sessions in progress
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self._original_transport is None and not self._counted:
+            # Not the second call aiosmtpd makes once STARTTLS is done.
+            self._counted = True
+            self.metrics.sessions.inc()
+            self.metrics.sessions_active.inc()
         super().connection_made(transport)
         # Implicit TLS (port 465): aiosmtpd fills session.ssl only after
         # STARTTLS; the certificate checks need it from the start.
@@ -134,9 +164,37 @@ class GatewayProtocol(SMTP):
 
     def connection_lost(self, error: Exception | None) -> None:
         self._drop_chunks()  # never acknowledged: nothing of it is kept
+        self.end_transaction(None, "disconnect")
+        if self._counted:  # aiosmtpd may call this twice (a failed STARTTLS)
+            self._counted = False
+            self.metrics.sessions_active.dec()
         super().connection_lost(error)
         if self._on_end is not None:
             self._on_end(self)
+
+    def end_transaction(self, reply: Reply | None, ended_by: str) -> None:
+        """The open transaction is over: its log line (transaction.py)."""
+        txn, self.transaction = self.transaction, None
+        if txn is not None:
+            txn.end(self.session, reply, ended_by)
+
+    def _data_answered(self, reply: Reply, ended_by: str, end_of_data: float | None) -> None:
+        """The message data got its reply (written): count it, end the transaction."""
+        if reply.is_success:
+            self.metrics.accepted.inc()
+            if end_of_data is not None:
+                self.metrics.time_to_250.observe(time.perf_counter() - end_of_data)
+        else:
+            self.metrics.refused("data", reply.name)
+        self.end_transaction(reply, ended_by)
+
+    def _data_failed(self, error: BaseException) -> None:
+        """The data phase raised: a lost connection, or an error answered 451."""
+        if isinstance(error, Exception) and not isinstance(error, ConnectionError):
+            self.metrics.refused("data", replies.INTERNAL_ERROR.name)
+            self.end_transaction(None, "error")
+        else:
+            self.end_transaction(None, "disconnect")
 
     def _set_post_data_state(self) -> None:
         # End of a message, RSET, EHLO/HELO, STARTTLS: a new transaction, so
@@ -174,7 +232,17 @@ class GatewayProtocol(SMTP):
     @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_MAIL(self, arg: str | None) -> None:
         self.arguments_as_sent = arg or ""
+        assert self.envelope is not None
+        if self.envelope.mail_from is None:  # else aiosmtpd answers "nested MAIL"
+            self.end_transaction(None, "reset")  # left open by a path not seen here
+            self.transaction = Transaction(self.metrics.name)
         await super().smtp_MAIL(arg)
+        if self.envelope.mail_from is None and self.transaction is not None:
+            refusal = self.transaction.mail_refusal
+            if refusal is None:
+                self.transaction = None  # syntax or sequence: no transaction began
+            else:
+                self.end_transaction(refusal, "mail")
 
     @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_RCPT(self, arg: str | None) -> None:
@@ -254,10 +322,23 @@ class GatewayProtocol(SMTP):
     async def smtp_HELO(self, hostname: str) -> None:
         await self._unmarked(super().smtp_HELO, hostname)
 
+    @syntax("RSET")
+    async def smtp_RSET(self, arg: str | None) -> None:
+        if not arg:
+            self.end_transaction(None, "rset")
+        await super().smtp_RSET(arg)
+
+    @syntax("QUIT")
+    async def smtp_QUIT(self, arg: str | None) -> None:
+        if not arg:
+            self.end_transaction(None, "quit")
+        await super().smtp_QUIT(arg)
+
     async def _unmarked(self, command: Any, arg: str) -> None:
         if not arg:  # a syntax error is a normal reply
             await command(arg)
             return
+        self.end_transaction(None, "ehlo")  # RFC 5321 4.1.4: EHLO resets the transaction
         self._raw_replies = True
         try:
             await command(arg)
@@ -268,9 +349,7 @@ class GatewayProtocol(SMTP):
         if isinstance(error, TLSSetupException):
             # The handshake failed (a refused client certificate among others:
             # the client got the TLS alert); aiosmtpd closes the connection.
-            cause = error.__cause__
-            reason = getattr(cause, "verify_message", None) or getattr(cause, "reason", None)
-            log.info("TLS handshake failed: %s", reason or type(cause).__name__)
+            record_handshake_failure(self.metrics, error.__cause__)
             return ""
         log_id = new_log_id()
         log.error("internal error log_id=%s", log_id, exc_info=error)
@@ -293,6 +372,7 @@ class GatewayProtocol(SMTP):
         if self._tls_protocol is not None:
             await self.reply(replies.TLS_ALREADY_ACTIVE)
             return
+        self.end_transaction(None, "starttls")  # RFC 3207 4.2: state is discarded
         await self.reply(replies.READY_FOR_TLS)
         waiter = self.loop.create_future()
         assert self.tls_context is not None  # STARTTLS is only offered with a context
@@ -329,6 +409,7 @@ class GatewayProtocol(SMTP):
             # (its chunks dropped) and the client starts again from MAIL.
             self._set_post_data_state()
             await self.reply(replies.DATA_AFTER_BDAT)
+            self._data_answered(replies.DATA_AFTER_BDAT, "data", None)
             return
         if not self.envelope.rcpt_tos:
             await self.reply(replies.NEED_RCPT)
@@ -338,22 +419,32 @@ class GatewayProtocol(SMTP):
             return
         policy = self.event_handler
         spool = policy.new_spool()
+        end_of_data: float | None = None
         try:
             await self.reply(replies.START_DATA)
             receiver = DataReceiver(spool.write, self.max_message_size, self.max_header_size)
             await self._receive(receiver)
+            end_of_data = time.perf_counter()
+            if self.transaction is not None:
+                self.transaction.size = spool.size
             if receiver.problem is not None:
                 log.info("DATA refused: %s", receiver.problem.value)
                 spool.discard()
-                await self.reply(self._problem_reply(receiver.problem))
+                reply = self._problem_reply(receiver.problem)
+                await self.reply(reply)
+                self._data_answered(reply, "data", None)
                 return
             reply = await policy.deliver(self.session, self.envelope, spool)
-        except BaseException:
+        except BaseException as error:
             spool.discard()
+            self._data_failed(error)
             raise
         finally:
             self._set_post_data_state()
-        await self.reply(reply)
+        try:
+            await self.reply(reply)
+        finally:  # stored even if the client left before reading the 250
+            self._data_answered(reply, "data", end_of_data)
 
     def _problem_reply(self, problem: DataProblem) -> Reply:
         if problem is DataProblem.TOO_BIG:
@@ -441,14 +532,20 @@ class GatewayProtocol(SMTP):
             await self._read_octets(size, chunks.receiver.feed)
             if last:
                 chunks.receiver.finish()
-        except BaseException:
+        except BaseException as error:
             self._set_post_data_state()  # drops the chunks
+            self._data_failed(error)
             raise
+        end_of_data = time.perf_counter()
+        if self.transaction is not None:
+            self.transaction.size = chunks.spool.size
         problem = chunks.receiver.problem
         if problem is not None:
             log.info("BDAT refused: %s", problem.value)
             self._set_post_data_state()
-            await self.reply(self._problem_reply(problem))
+            reply = self._problem_reply(problem)
+            await self.reply(reply)
+            self._data_answered(reply, "bdat", None)
             return
         if not last:
             await self.reply(replies.CHUNK_RECEIVED.format(octets=size))
@@ -457,12 +554,16 @@ class GatewayProtocol(SMTP):
         self._chunks = None  # the spool is the policy's now
         try:
             reply = await self.event_handler.deliver(self.session, self.envelope, chunks.spool)
-        except BaseException:
+        except BaseException as error:
             chunks.spool.discard()
+            self._data_failed(error)
             raise
         finally:
             self._set_post_data_state()
-        await self.reply(reply)
+        try:
+            await self.reply(reply)
+        finally:
+            self._data_answered(reply, "bdat", end_of_data)
 
     def _bdat_refusal(self) -> Reply | None:
         """Why BDAT cannot be taken now, as DATA would be refused."""

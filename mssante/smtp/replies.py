@@ -10,7 +10,7 @@ Code and tests import these names; no reply literal lives elsewhere.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True, slots=True)
@@ -18,10 +18,13 @@ class Reply:
     code: int
     enhanced: str
     text: str
+    # The constant's name, lower-cased ("patient_not_found"): a stable, bounded
+    # label for metrics and logs (set below for every reply of this table).
+    name: str = field(default="", compare=False)
 
     def format(self, **fields: object) -> Reply:
         """A copy with ``{name}`` placeholders filled in."""
-        return Reply(self.code, self.enhanced, self.text.format(**fields))
+        return Reply(self.code, self.enhanced, self.text.format(**fields), self.name)
 
     @property
     def is_success(self) -> bool:
@@ -289,6 +292,15 @@ SHUTTING_DOWN = Reply(
     "4.3.2",
     "Service en cours d'arret, reessayez plus tard / Service shutting down, try again later",
 )
+
+
+def _name_replies(table: dict[str, object]) -> None:
+    for constant, value in table.items():
+        if isinstance(value, Reply) and constant.isupper():
+            object.__setattr__(value, "name", constant.lower())  # frozen: once, at import
+
+
+_name_replies(globals())
 
 
 # aiosmtpd answers command syntax itself.  We advertise ENHANCEDSTATUSCODES,

@@ -31,9 +31,10 @@ from typing import Any, Literal, Protocol, TypeVar
 from cryptography import x509
 
 from mssante.clock import Clock
+from mssante.metrics import ListenerMetrics, Metrics
 from mssante.outbound.dsn import Action, DeliveryReport, RecipientReport
 from mssante.pseudonym import Pseudonymizer
-from mssante.routing.recipient import RecipientRouter
+from mssante.routing.recipient import RecipientRouter, split_address
 from mssante.routing.trust import DnKey, TrustSpace, dn_key
 from mssante.routing.verdict import Refuse
 from mssante.smtp import dsn_parameters, replies
@@ -42,6 +43,7 @@ from mssante.smtp.limits import AbuseGuard, SessionGuard, peer_identity
 from mssante.smtp.protocol import GatewayProtocol, new_log_id
 from mssante.smtp.replies import Reply
 from mssante.smtp.trace import received_header
+from mssante.smtp.transaction import Transaction
 from mssante.store.blobs import Spool
 from mssante.store.inbox import Recipient
 from mssante.store.mailstore import DkimPolicyError, Envelope, StorageFullError
@@ -55,7 +57,14 @@ Deliverer = Callable[[Envelope, Spool], Awaitable[object]]
 
 class RefusalRecorder(Protocol):
     async def __call__(
-        self, *, at: datetime, sender: str, peer: str | None, cause: str, patient_id: int | None
+        self,
+        *,
+        at: datetime,
+        sender: str,
+        peer: str | None,
+        cause: str,
+        patient_id: int | None,
+        correlation: str | None = None,
     ) -> None: ...
 
 
@@ -65,9 +74,14 @@ _Dsn = TypeVar("_Dsn", MailDsn, RcptDsn)
 # Refusal causes (routing/recipient.py) that bounce mode reports by DSN:
 # the patient's own situation, DOMAIN.md 3.
 BOUNCED_CAUSES = frozenset({"invalid_address", "patient_not_found", "mailbox_closed"})
+# Causes for which the local part is a valid INS: logged as its pseudonym.
+_VALID_INS_CAUSES = frozenset({"patient_not_found", "mailbox_closed"})
+_UNSET: Any = object()
 
 
 class Policy:
+    LISTENER = "mx"  # the listener label of metrics and transaction logs
+
     def __init__(
         self,
         *,
@@ -83,7 +97,9 @@ class Policy:
         check_senders: bool,
         abuse: AbuseGuard,
         refusal: Literal["rcpt", "dsn"] = "rcpt",
+        metrics: ListenerMetrics | None = None,
     ) -> None:
+        self.metrics = metrics or Metrics().listener(self.LISTENER)
         self._refusal = refusal
         self._abuse = abuse
         self._trust = trust
@@ -128,21 +144,42 @@ class Policy:
         address: str,
         mail_options: list[str],
     ) -> str:
+        txn = self._transaction(server)
+        txn.mail_domain = address.rpartition("@")[2].lower() or None
+        txn.identity = self._log_identity(session)
+        reply = await self._mail(server, session, envelope, address, mail_options, txn)
+        if not reply.is_success:
+            self.mail_refused(txn, reply)
+        return str(reply)
+
+    def mail_refused(self, txn: Transaction, reply: Reply) -> None:
+        txn.mail_refusal = reply
+        self.metrics.refused("mail", reply.name)
+
+    async def _mail(
+        self,
+        server: GatewayProtocol,
+        session: Any,
+        envelope: Any,
+        address: str,
+        mail_options: list[str],
+        txn: Transaction,
+    ) -> Reply:
         # RFC 6531 3.5: a non-ASCII address needs SMTPUTF8 on MAIL.
         smtputf8 = "SMTPUTF8" in mail_options
         if not address.isascii() and not smtputf8:
-            return str(replies.NON_ASCII_WITHOUT_SMTPUTF8)
+            return replies.NON_ASCII_WITHOUT_SMTPUTF8
         for option in mail_options:
             name, _, value = option.partition("=")
             if name == "SIZE":
                 if not value.isdigit():
-                    return str(replies.BAD_SIZE_PARAMETER)
+                    return replies.BAD_SIZE_PARAMETER
                 if int(value) > self._max_size:
                     # RFC 1870 6.1: refuse at once, before any data is sent.
-                    return str(replies.SIZE_DECLARED_TOO_BIG.format(limit=self._max_size))
+                    return replies.SIZE_DECLARED_TOO_BIG.format(limit=self._max_size)
         dsn = parse_parameters(server, mail_options, dsn_parameters.parse_mail)
         if isinstance(dsn, Reply):
-            return str(dsn)
+            return dsn
         if self._check_senders:
             refusal = self._trust().check_sender(address, peer_dn(session))
             if refusal is not None:
@@ -153,21 +190,43 @@ class Policy:
                     peer=peer_ip(session),
                     cause=refusal.cause,
                     patient_id=None,
+                    correlation=txn.correlation_id,
                 )
-                return str(refusal.reply)
+                return refusal.reply
         decision = self._guard(session).check_message()
         if not decision.ok:
             log.info("MAIL limited: %s", decision.reason)
-            return str(decision.reply)
+            assert decision.reply is not None  # not ok: a reply
+            return decision.reply
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         envelope.accepted = []
         envelope.dsn = dsn
+        # The message's ref: the 250 quotes it, the audit trail and the
+        # transaction's log line carry it (transaction.py).
+        envelope.ref = txn.correlation_id
         # RFC 3464 per-recipient entries: refusals to report (bounce mode)
         # and deliveries to confirm (NOTIFY=SUCCESS).
         envelope.bounced = []
         envelope.confirm = []
-        return str(replies.SENDER_OK)
+        return replies.SENDER_OK
+
+    def _transaction(self, server: GatewayProtocol) -> Transaction:
+        """The transaction the protocol opened at MAIL (transaction.py)."""
+        txn = server.transaction
+        if txn is None:
+            txn = server.transaction = Transaction(self.metrics.name)
+        return txn
+
+    def _log_identity(self, session: Any) -> str | None:
+        """Who the peer proved to be, for the logs: its certificate's subject
+        (an operator: never a patient).  Once per session."""
+        found = getattr(session, "log_identity", _UNSET)
+        if found is _UNSET:
+            cert = peer_certificate(session)
+            found = session.log_identity = cert.subject.rfc4514_string() if cert else None
+        identity: str | None = found
+        return identity
 
     async def handle_RCPT(
         self,
@@ -177,11 +236,12 @@ class Policy:
         address: str,
         rcpt_options: list[str],
     ) -> str:
+        txn = self._transaction(server)
         if not address.isascii() and not envelope.smtp_utf8:
-            return str(replies.NON_ASCII_WITHOUT_SMTPUTF8)
+            return self._rcpt_refused(txn, replies.NON_ASCII_WITHOUT_SMTPUTF8)
         dsn = parse_parameters(server, rcpt_options, dsn_parameters.parse_rcpt)
         if isinstance(dsn, Reply):
-            return str(dsn)
+            return self._rcpt_refused(txn, dsn)
         guard = self._guard(session)
         # Before routing: once a peer is over its budget every RCPT gets the
         # same answer, so the replies tell nothing about which INS exist.
@@ -190,10 +250,13 @@ class Policy:
         decision = guard.check_recipient(len(envelope.accepted) + len(envelope.bounced))
         if not decision.ok:
             log.info("RCPT limited: %s", decision.reason)
-            return str(decision.reply)
+            assert decision.reply is not None  # not ok: a reply
+            return self._rcpt_refused(txn, decision.reply)
         verdict = await self._router.route(address)
         if isinstance(verdict, Refuse):
             log.info("RCPT refused %s: %s", verdict.reply.enhanced, verdict.reason)
+            if verdict.cause in _VALID_INS_CAUSES and (parts := split_address(address)):
+                txn.refused_recipients.append(self._pseudonym(parts[0].upper()))
             strike = guard.record_bad_recipient()
             await self._record_refusal(
                 at=self._clock.now(),
@@ -201,10 +264,14 @@ class Policy:
                 peer=peer_ip(session),
                 cause=verdict.cause,
                 patient_id=verdict.patient_id,
+                correlation=txn.correlation_id,
             )
             if not strike.ok:
                 log.info("closing probing session: %s", strike.reason)
-                return str(strike.reply)
+                assert strike.reply is not None  # not ok: a reply
+                return self._rcpt_refused(txn, strike.reply)
+            # Counted as refused in bounce mode too (answered 250, reported by DSN).
+            self._rcpt_refused(txn, verdict.reply)
             if self._bounces(envelope, address, verdict, dsn):
                 # DATA needs a recipient: this one is in rcpt_tos, not accepted.
                 envelope.rcpt_tos.append(address)
@@ -234,10 +301,15 @@ class Policy:
                     original=dsn.orcpt,
                 )
             )
-        log.info(
-            "RCPT accepted ins=%s status=%s", self._pseudonym(verdict.ins), verdict.status.value
-        )
+        pseudonym = self._pseudonym(verdict.ins)
+        txn.recipients.append(pseudonym)
+        log.info("RCPT accepted ins=%s status=%s", pseudonym, verdict.status.value)
         return str(replies.RECIPIENT_OK)
+
+    def _rcpt_refused(self, txn: Transaction, reply: Reply) -> str:
+        txn.refusals.append(reply.name)
+        self.metrics.refused("rcpt", reply.name)
+        return str(reply)
 
     def _bounces(self, envelope: Any, address: str, verdict: Refuse, dsn: RcptDsn) -> bool:
         """Bounce mode: accept this refused recipient and report it by DSN?
@@ -291,7 +363,7 @@ class Policy:
         )
 
     async def deliver(self, session: Any, envelope: Any, spool: Spool) -> Reply:
-        ref = secrets.token_hex(10)
+        ref: str = envelope.ref  # the transaction's correlation id (handle_MAIL)
         at = self._clock.now()
         tls = _tls_version(session)
         helo = session.host_name

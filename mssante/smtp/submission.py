@@ -45,6 +45,8 @@ def _refused(reply: replies.Reply) -> AuthResult:
 
 
 class SubmissionPolicy(Policy):
+    LISTENER = "submission"
+
     def __init__(self, *, accounts: Accounts, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._accounts = accounts
@@ -69,15 +71,27 @@ class SubmissionPolicy(Policy):
         account: Account | None = session.auth_data
         if account is None or not account.may_send_as(address):
             log.info("MAIL refused: account may not send as this address")
+            txn = self._transaction(server)
+            txn.mail_domain = address.rpartition("@")[2].lower() or None
+            txn.identity = self._log_identity(session)
             await self._record_refusal(
                 at=self._clock.now(),
                 sender=address,
                 peer=peer_ip(session),
                 cause="sender_not_owned",
                 patient_id=None,
+                correlation=txn.correlation_id,
             )
+            self.mail_refused(txn, replies.SENDER_NOT_OWNED)
             return str(replies.SENDER_NOT_OWNED)
         return await super().handle_MAIL(server, session, envelope, address, mail_options)
+
+    def _log_identity(self, session: Any) -> str | None:
+        # The account by its id: its address is a professional's, but the id is enough.
+        account: Account | None = session.auth_data
+        if account is not None:
+            return f"account:{account.id}"
+        return super()._log_identity(session)
 
     def _identity(self, session: Any) -> str:
         account: Account | None = session.auth_data

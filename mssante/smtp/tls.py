@@ -31,6 +31,66 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 # TLS 1.2 suites: ECDHE key exchange and AEAD only (TLS 1.3 suites are all fine).
 TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
 
+# Why a server-side handshake failed, as a bounded label (metrics, logs):
+# OpenSSL's X509_V_ERR_* verify codes for the client certificate...
+_VERIFY_REASONS = {
+    2: "unknown_ca",  # UNABLE_TO_GET_ISSUER_CERT
+    3: "crl_unavailable",  # UNABLE_TO_GET_CRL
+    7: "bad_signature",  # CERT_SIGNATURE_FAILURE (a forged chain)
+    9: "certificate_not_yet_valid",
+    10: "certificate_expired",
+    11: "crl_unavailable",  # CRL_NOT_YET_VALID
+    12: "crl_unavailable",  # CRL_HAS_EXPIRED
+    18: "unknown_ca",  # DEPTH_ZERO_SELF_SIGNED_CERT
+    19: "unknown_ca",  # SELF_SIGNED_CERT_IN_CHAIN
+    20: "unknown_ca",  # UNABLE_TO_GET_ISSUER_CERT_LOCALLY
+    21: "unknown_ca",  # UNABLE_TO_VERIFY_LEAF_SIGNATURE
+    23: "certificate_revoked",
+    26: "certificate_purpose",  # INVALID_PURPOSE: not a client certificate
+}
+# ...and the library reasons of other handshake errors.
+_SSL_REASONS = {
+    "UNSUPPORTED_PROTOCOL": "protocol_version",
+    "WRONG_VERSION_NUMBER": "protocol_version",
+    "VERSION_TOO_LOW": "protocol_version",
+    "UNKNOWN_PROTOCOL": "protocol_version",
+    "TLSV1_ALERT_PROTOCOL_VERSION": "protocol_version",
+    "NO_PROTOCOLS_AVAILABLE": "protocol_version",
+    "NO_SHARED_CIPHER": "no_shared_cipher",
+    "NO_SUITABLE_KEY_SHARE": "no_shared_cipher",
+    "PEER_DID_NOT_RETURN_A_CERTIFICATE": "no_client_certificate",
+    "TLSV13_ALERT_CERTIFICATE_REQUIRED": "no_client_certificate",
+    "HTTP_REQUEST": "not_tls",
+}
+HANDSHAKE_FAILURE_REASONS = frozenset(
+    {*_VERIFY_REASONS.values(), *_SSL_REASONS.values()}
+    | {"certificate_invalid", "alert_from_client", "connection_lost", "timeout", "other"}
+)
+
+
+def handshake_failure(exc: BaseException | None) -> tuple[str, str]:
+    """(bounded reason, OpenSSL's short text) for a failed server-side handshake.
+
+    The text is OpenSSL's ("certificate has expired"): it never names the
+    peer, so it can be logged.
+    """
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        code = exc.verify_code
+        return _VERIFY_REASONS.get(code, "certificate_invalid"), str(exc.verify_message)
+    if isinstance(exc, ssl.SSLError):
+        name = str(exc.reason or "")
+        reason = _SSL_REASONS.get(name)
+        if reason is None:
+            # The client refused our certificate (or something else) and said so.
+            alert = name.startswith(("TLSV1_ALERT_", "SSLV3_ALERT_", "TLSV13_ALERT_"))
+            reason = "alert_from_client" if alert else "other"
+        return reason, name or type(exc).__name__
+    if isinstance(exc, TimeoutError | ConnectionAbortedError):
+        return "timeout", type(exc).__name__  # asyncio aborts a handshake that takes too long
+    if isinstance(exc, ConnectionError | EOFError):
+        return "connection_lost", type(exc).__name__
+    return "other", type(exc).__name__ if exc is not None else "unknown"
+
 
 def server_context(
     cert: Path,

@@ -123,9 +123,23 @@ class MailStore:
         return self._dkim.authentication_results(results)
 
     async def record_refusal(
-        self, *, at: datetime, sender: str, peer: str | None, cause: str, patient_id: int | None
+        self,
+        *,
+        at: datetime,
+        sender: str,
+        peer: str | None,
+        cause: str,
+        patient_id: int | None,
+        correlation: str | None = None,
     ) -> None:
-        """Audit a refused recipient (no address: it may hold an INS)."""
+        """Audit a refused sender or recipient (no address: it may hold an INS).
+
+        ``correlation``: the SMTP transaction's id, also in its log line
+        (smtp/transaction.py) and, when a message is stored, its ``ref``.
+        """
+        details: dict[str, object] = {"cause": cause, "peer": peer}
+        if correlation is not None:
+            details["correlation"] = correlation
         await self._writer.run(
             lambda session: audit.append(
                 session,
@@ -133,7 +147,7 @@ class MailStore:
                 kind="message.refused",
                 actor=sender.lower(),
                 patient_id=patient_id,
-                details={"cause": cause, "peer": peer},
+                details=details,
             )
         )
 

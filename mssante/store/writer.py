@@ -24,12 +24,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from mssante.metrics import Metrics
 from mssante.store.db import SessionMaker
 
 T = TypeVar("T")
@@ -51,9 +53,12 @@ class _Pending:
 
 
 class Writer:
-    def __init__(self, sessions: SessionMaker, *, max_batch: int = 64) -> None:
+    def __init__(
+        self, sessions: SessionMaker, *, max_batch: int = 64, metrics: Metrics | None = None
+    ) -> None:
         self._sessions = sessions
         self._max_batch = max_batch
+        self._metrics = metrics or Metrics()
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self.batches = 0
@@ -126,25 +131,37 @@ class Writer:
             _succeed(pending, result)
 
     async def _transaction(self, batch: list[_Pending]) -> list[Any]:
+        started = time.perf_counter()
         async with self._sessions() as session, session.begin():
-            results: list[Any] = []
-            i = 0
-            while i < len(batch):
-                pending = batch[i]
-                if pending.job is not None:
-                    results.append(await pending.job(session))
-                    i += 1
-                    continue
-                assert pending.batch is not None
-                group = [pending]
-                while i + len(group) < len(batch) and batch[i + len(group)].batch == pending.batch:
-                    group.append(batch[i + len(group)])
-                out = await pending.batch(session, [p.item for p in group])
-                if len(out) != len(group):
-                    raise RuntimeError("batch job returned a wrong number of results")
-                results.extend(out)
-                i += len(group)
-            return results
+            results = await self._jobs(session, batch)
+            committing = time.perf_counter()
+        done = time.perf_counter()  # committed
+        m = self._metrics
+        m.db_transaction.observe(done - started)
+        m.db_commit.observe(done - committing)
+        m.db_batch_jobs.observe(len(batch))
+        return results
+
+    async def _jobs(self, session: AsyncSession, batch: list[_Pending]) -> list[Any]:
+        """Run the batch's jobs in ``session``; one result per job."""
+        results: list[Any] = []
+        i = 0
+        while i < len(batch):
+            pending = batch[i]
+            if pending.job is not None:
+                results.append(await pending.job(session))
+                i += 1
+                continue
+            assert pending.batch is not None
+            group = [pending]
+            while i + len(group) < len(batch) and batch[i + len(group)].batch == pending.batch:
+                group.append(batch[i + len(group)])
+            out = await pending.batch(session, [p.item for p in group])
+            if len(out) != len(group):
+                raise RuntimeError("batch job returned a wrong number of results")
+            results.extend(out)
+            i += len(group)
+        return results
 
 
 def _succeed(pending: _Pending, result: Any) -> None:
