@@ -29,7 +29,7 @@ import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, cast
 from unittest import mock
 from urllib.parse import urlsplit
 
@@ -39,8 +39,10 @@ import yaml
 from sqlalchemy.engine import make_url
 
 from mssante.cli import main as mssante_main
+from mssante.clock import SystemClock
+from mssante.metrics import Metrics
+from mssante.ops.app import create_app as create_ops_app
 from mssante.settings import Settings, SettingsError, load_settings
-from mssante.web.health import routes as probe_routes
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKER = ROOT / "docker"
@@ -425,8 +427,10 @@ def service_settings(files: Files, service: Mapping[str, Any]) -> Settings:
 
 
 def probe_paths() -> set[str]:
-    """Paths of the health probes the ops endpoint serves."""
-    return {route.path for route in probe_routes}
+    """Paths the ops endpoint serves (its app is built without a store: the
+    store is only used when a request comes)."""
+    app = create_ops_app(cast(Any, None), metrics=Metrics(), clock=SystemClock())
+    return {getattr(route, "path", "") for route in app.routes}
 
 
 # --- the mssante command --------------------------------------------------------------------
