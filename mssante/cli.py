@@ -27,7 +27,13 @@ from mssante.logs import configure_logging
 from mssante.notify.cli import notify
 from mssante.outbound.cli import queue
 from mssante.routing.ins import InsError, parse_ins
-from mssante.settings import Settings, SettingsError, example_toml, load_settings
+from mssante.settings import (
+    Settings,
+    SettingsError,
+    example_toml,
+    load_settings,
+    reference_markdown,
+)
 from mssante.store import audit, credentials, patient_changes
 from mssante.store import directory as dirops
 from mssante.store.keys import KeyDestroyedError
@@ -122,6 +128,12 @@ def config() -> None:
 def config_example() -> None:
     """Print an example configuration with every key and its default."""
     click.echo(example_toml(), nl=False)
+
+
+@config.command("reference")
+def config_reference() -> None:
+    """Print the configuration reference (Markdown table) that README.md holds."""
+    click.echo(reference_markdown(), nl=False)
 
 
 @config.command("check")

@@ -7,9 +7,18 @@ from pathlib import Path
 
 import pytest
 
-from mssante.settings import Settings, SettingsError, example_toml, load_settings
+from mssante.settings import (
+    REFERENCE_END,
+    REFERENCE_START,
+    Settings,
+    SettingsError,
+    example_toml,
+    load_settings,
+    reference_markdown,
+)
 
-EXAMPLE = Path(__file__).parent.parent / "config" / "mssante.example.toml"
+ROOT = Path(__file__).parent.parent
+EXAMPLE = ROOT / "config" / "mssante.example.toml"
 
 
 def test_example_config_matches_schema() -> None:
@@ -61,3 +70,15 @@ def test_errors_say_where_and_how_to_fix(tmp_path: Path) -> None:
         " string as an integer (Webmail HTTP(S) port.)"
     ]
     assert len(lines) == 4
+
+
+def test_readme_configuration_reference_matches_schema() -> None:
+    """Issue 9: the README's configuration reference is the schema's, every key."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    start, end = readme.index(REFERENCE_START), readme.index(REFERENCE_END)
+    block = readme[start : end + len(REFERENCE_END)] + "\n"
+    assert block == reference_markdown(), (
+        "README.md's configuration reference drifted: replace it with `mssante config reference`"
+    )
+    keys = sum(len(type(getattr(Settings(), s)).model_fields) for s in Settings.model_fields)
+    assert block.count("\n| `") == keys
