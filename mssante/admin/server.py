@@ -1,8 +1,7 @@
 """The admin API's HTTP server: uvicorn, in the process that runs the webmail.
 
-As web/server.py: no signal handling of its own (``mssante serve`` owns
-SIGTERM), no access log (URLs carry the INS; gate.py writes one line per
-request without it), port 0 for tests.  With ``admin.client_ca`` the TLS
+Embedded like the webmail (httpserver.py): no access log (URLs carry the
+INS; gate.py writes one line per request without it).  With ``admin.client_ca`` the TLS
 handshake requires a client certificate issued by those CAs
 (``CERT_REQUIRED``): a client without one, or with another CA's, is
 refused before any HTTP.
@@ -11,10 +10,7 @@ refused before any HTTP.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import logging
 import ssl
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import uvicorn
@@ -23,21 +19,12 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from mssante.admin.api import create_app
 from mssante.admin.auth import CLIENT_CN
 from mssante.clock import Clock
+from mssante.httpserver import EmbeddedHttpServer
 from mssante.pseudonym import Pseudonymizer
 from mssante.settings import Settings
 
 if TYPE_CHECKING:
     from mssante.app import Store
-
-log = logging.getLogger("mssante.admin")
-
-
-class _EmbeddedServer(uvicorn.Server):
-    """uvicorn without its signal handling: ``mssante serve`` owns SIGTERM/SIGINT."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
 
 
 def _common_name(peer: dict[str, Any] | None) -> str | None:
@@ -66,7 +53,7 @@ class _ClientCertificateProtocol(H11Protocol):
                 self.app_state = {**self.app_state, CLIENT_CN: cn}
 
 
-class AdminServer:
+class AdminServer(EmbeddedHttpServer):
     def __init__(
         self, store: Store, settings: Settings, *, clock: Clock, pseudonym: Pseudonymizer
     ) -> None:
@@ -90,48 +77,4 @@ class AdminServer:
             h11_max_incomplete_event_size=64 * 1024,
             **tls,
         )
-        self._server = _EmbeddedServer(config)
-        self._task: asyncio.Task[None] | None = None
-        self.port = 0
-        self.scheme = "https" if admin.tls_cert is not None else "http"
-
-    @property
-    def url(self) -> str:
-        return f"{self.scheme}://{self._server.config.host}:{self.port}"
-
-    async def start(self) -> None:
-        self._task = asyncio.create_task(self._server.serve(), name="admin-api")
-        while not self._server.started:
-            if self._task.done():
-                # uvicorn logs why (port in use, unreadable certificate...) and exits its task.
-                with contextlib.suppress(SystemExit):
-                    await self._task
-                raise OSError(f"admin API could not listen on {self._server.config.host}")
-            await asyncio.sleep(0.01)
-        sockets = self._server.servers[0].sockets
-        self.port = sockets[0].getsockname()[1]
-
-    def reload_certificate(self) -> bool:
-        """SIGHUP: load ``admin.tls_cert``/``tls_key`` again into the running
-        context, as the webmail does; the next handshakes use them.  A bad file
-        keeps the previous one in force.  ``admin.client_ca`` is read at start
-        only: a live context can add CAs but never drop one, so a CA taken out
-        of the file must not look removed before a restart."""
-        context = self._server.config.ssl
-        config = self._server.config
-        if context is None or not config.ssl_certfile:
-            return False
-        try:
-            context.load_cert_chain(str(config.ssl_certfile), config.ssl_keyfile)
-        except (OSError, ssl.SSLError) as exc:
-            log.error("admin API certificate reload failed, previous one kept: %s", exc)
-            return False
-        return True
-
-    async def stop(self) -> None:
-        if self._task is None:
-            return
-        self._server.should_exit = True
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
-        self._task = None
+        super().__init__(config, name="admin API")

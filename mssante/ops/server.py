@@ -8,17 +8,15 @@ TLS, no access log: bind it to loopback or a monitoring network.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import uvicorn
 
 from mssante.clock import Clock
+from mssante.httpserver import EmbeddedHttpServer
 from mssante.metrics import Metrics
 from mssante.ops.app import create_app
-from mssante.web.server import _EmbeddedServer
 
 if TYPE_CHECKING:
     from mssante.app import Store
@@ -29,7 +27,7 @@ def ops_port(port: int, worker: int) -> int:
     return port + worker if port else 0
 
 
-class OpsServer:
+class OpsServer(EmbeddedHttpServer):
     def __init__(
         self,
         store: Store,
@@ -50,32 +48,4 @@ class OpsServer:
             lifespan="off",
             server_header=False,
         )
-        self._server = _EmbeddedServer(config)
-        self._task: asyncio.Task[None] | None = None
-        self.port = 0
-
-    @property
-    def url(self) -> str:
-        return f"http://{self._server.config.host}:{self.port}"
-
-    async def start(self) -> None:
-        self._task = asyncio.create_task(self._server.serve(), name="ops")
-        while not self._server.started:
-            if self._task.done():
-                # uvicorn logs why (port in use...) and exits its task.
-                with contextlib.suppress(SystemExit):
-                    await self._task
-                raise OSError(
-                    f"metrics endpoint could not listen on"
-                    f" {self._server.config.host}:{self._server.config.port}"
-                )
-            await asyncio.sleep(0.01)
-        self.port = self._server.servers[0].sockets[0].getsockname()[1]
-
-    async def stop(self) -> None:
-        if self._task is None:
-            return
-        self._server.should_exit = True
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
-        self._task = None
+        super().__init__(config, name="metrics endpoint")
