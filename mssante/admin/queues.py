@@ -26,11 +26,11 @@ from mssante.store.models import (
     Channel,
     Notification,
     NotificationStatus,
-    OutboundMessage,
-    OutboundRecipient,
     OutboundStatus,
     PatientCredentials,
 )
+from mssante.store.queues import Depth as StoredDepth
+from mssante.store.queues import queue_state as stored_queue_state
 
 
 async def patient_view(session: AsyncSession, ins: str) -> PatientView | None:
@@ -77,49 +77,26 @@ async def patient_view(session: AsyncSession, ins: str) -> PatientView | None:
     )
 
 
-def _depth(count: int, oldest: datetime | None, now: datetime) -> Depth:
-    age = max((now - oldest).total_seconds(), 0.0) if oldest is not None else None
-    return Depth(count=count, oldest_age_seconds=age)
+def _depth(depth: StoredDepth, now: datetime) -> Depth:
+    return Depth(count=depth.count, oldest_age_seconds=depth.age(now))
 
 
 async def queue_state(session: AsyncSession, *, now: datetime) -> Queues:
-    outbound = {
-        status: _depth(count, oldest, now)
-        for status, count, oldest in await session.execute(
-            select(OutboundRecipient.status, func.count(), func.min(OutboundMessage.created_at))
-            .join(OutboundMessage, OutboundMessage.id == OutboundRecipient.outbound_id)
-            .group_by(OutboundRecipient.status)
-        )
-    }
-    waiting = (NotificationStatus.PENDING, NotificationStatus.FAILED)
-    notifications = {
-        (channel, status): _depth(count, oldest, now)
-        for channel, status, count, oldest in await session.execute(
-            select(
-                Notification.channel,
-                Notification.status,
-                func.count(),
-                func.min(Notification.created_at),
-            )
-            .where(Notification.status.in_(waiting))
-            .group_by(Notification.channel, Notification.status)
-        )
-    }
-    empty = Depth(count=0, oldest_age_seconds=None)
+    state = await stored_queue_state(session, outbound=list(OutboundStatus))
 
     def by_channel(channel: Channel) -> NotificationDepth:
         return NotificationDepth(
-            pending=notifications.get((channel, NotificationStatus.PENDING), empty),
-            failed=notifications.get((channel, NotificationStatus.FAILED), empty),
+            pending=_depth(state.notified(channel, NotificationStatus.PENDING), now),
+            failed=_depth(state.notified(channel, NotificationStatus.FAILED), now),
         )
 
     return Queues(
         at=now,
         outbound=OutboundDepth(
-            pending=outbound.get(OutboundStatus.PENDING, empty),
-            held=outbound.get(OutboundStatus.HELD, empty),
-            failed=outbound.get(OutboundStatus.FAILED, empty),
-            sent=outbound.get(OutboundStatus.SENT, empty),
+            pending=_depth(state.recipients(OutboundStatus.PENDING), now),
+            held=_depth(state.recipients(OutboundStatus.HELD), now),
+            failed=_depth(state.recipients(OutboundStatus.FAILED), now),
+            sent=_depth(state.recipients(OutboundStatus.SENT), now),
         ),
         notifications=NotificationQueues(
             email=by_channel(Channel.EMAIL), postal=by_channel(Channel.POSTAL)
