@@ -40,7 +40,7 @@ from mssante.smtp.submission import SubmissionPolicy, accept_for_parsing
 from mssante.smtp.tls import ensure_dev_certificate, server_context
 from mssante.store.accounts import Accounts
 from mssante.store.blobs import BlobStore
-from mssante.store.crypto import load_key_provider
+from mssante.store.crypto import DirectoryKeyProvider
 from mssante.store.db import SessionMaker, make_engine, make_sessionmaker
 from mssante.store.directory import Directory
 from mssante.store.keys import Keyring
@@ -82,12 +82,13 @@ class Store:
         )
         self.blobs = BlobStore(self.data_dir, worker=worker)
         self.directory = Directory(self.read_engine)
-        self.keyring = Keyring(
-            load_key_provider(settings.store.keys_path(), create=settings.store.create_master_key)
+        self.keys = DirectoryKeyProvider(
+            settings.store.keys_path(), create=settings.store.create_master_key
         )
+        self.keyring = Keyring(self.keys)
         self.outbound = OutboundQueue(
             self.blobs,
-            self.keyring.provider,
+            self.keys,
             max_age=timedelta(seconds=settings.outbound.max_age),
         )
 
@@ -379,9 +380,14 @@ class Gateway:
 
     def reload(self) -> None:
         """SIGHUP: the whitelist, trust anchors, CRLs and the SMTP certificate
-        (TrustConfig: a bad file keeps the previous state), and the webmail's
-        certificate; each applies to the next session or handshake."""
+        (TrustConfig: a bad file keeps the previous state), the master keys
+        (`keys rotate`), and the webmail's and admin API's certificates; each
+        applies to the next session, handshake or data key."""
         self.trust.reload()
+        try:
+            self.store.keys.reload()  # the current master key after `keys rotate`
+        except (OSError, ValueError, KeyError) as exc:
+            log.error("master keys reload failed, the keys in memory are kept: %s", exc)
         if self.web is not None:
             self.web.reload_certificate()
         if self.admin is not None:

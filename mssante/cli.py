@@ -405,7 +405,7 @@ def keys_rotate(ctx: click.Context, batch: int) -> None:
     Message bodies are not re-encrypted.  If interrupted, run it again: it
     finishes the rotation in progress before starting a new one.
     """
-    from mssante.store.crypto import load_key_provider, new_key_file, set_current
+    from mssante.store.crypto import new_key_file, set_current
 
     settings = _settings(ctx)
     directory = settings.store.keys_path()
@@ -420,7 +420,7 @@ def keys_rotate(ctx: click.Context, batch: int) -> None:
                 )
             mk = new_key_file(directory)
             set_current(directory, mk.id)
-            store.keyring.provider = load_key_provider(directory)
+            store.keys.reload()
         total = 0
         with Progress(
             TextColumn("{task.description}"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import os
+from datetime import UTC, datetime
 from pathlib import Path
 
 import aiosmtplib
@@ -15,6 +16,7 @@ from mssante import demo
 from mssante.app import Gateway, Store
 from mssante.cli import seed_demo
 from mssante.store import crypto
+from mssante.store import directory as dirops
 from mssante.store.crypto import DecryptionError, StreamEncryptor, decrypt_all
 from mssante.store.keys import KeyDestroyedError
 from mssante.store.models import Message, PatientKey
@@ -97,7 +99,6 @@ async def test_one_message_two_patients_stored_once_readable_by_both(gateway: Ga
 
 
 async def test_crypto_shredding_erases_one_patient_only(gateway: Gateway, clock: FakeClock) -> None:
-    from mssante.store import directory as dirops
     from mssante.store.models import ProfileStatus
 
     ref = await _send(gateway, [addr(demo.ACTIVATED), addr(demo.CREATED_POSTAL)], "shred")
@@ -176,6 +177,41 @@ async def test_key_rotation_rewraps_without_touching_bodies(
             assert {m.blob_key: m.size for m in await s.scalars(select(Message))} == blobs_before
     finally:
         await store.close()
+
+
+async def test_rotation_by_another_process_while_the_gateway_runs(gateway: Gateway) -> None:
+    """Regression: `mssante keys rotate` (another process) re-wrapped the data
+    keys under a key the running gateway had never loaded, so every later
+    message to those patients got 451.  The gateway reads the key directory
+    again on a miss, and takes the new current key on SIGHUP (reload)."""
+    await _send(gateway, [addr(demo.ACTIVATED)], "before")
+    settings = gateway.settings
+    keys_dir = settings.store.keys_path()
+    new = crypto.new_key_file(keys_dir)
+    crypto.set_current(keys_dir, new.id)
+    other = Store(settings)  # what `mssante keys rotate` opens
+    await other.open()
+    try:
+        rewrap = other.keyring.rewrap_batch
+        assert await other.writer.run(lambda s: rewrap(s, at=datetime.now(UTC), limit=10)) == 1
+    finally:
+        await other.close()
+
+    ref = await _send(gateway, [addr(demo.ACTIVATED)], "after")  # a 250, not 451
+    assert b"Corps after" in await gateway.store.read_original(ref)
+    assert gateway.store.keys.current().id == new.id  # read with the missing key
+
+    # Without a miss to tell it, SIGHUP makes a newer current key its own.
+    newer = crypto.new_key_file(keys_dir)
+    crypto.set_current(keys_dir, newer.id)
+    gateway.reload()
+    assert gateway.store.keys.current().id == newer.id
+    await _send(gateway, [addr(demo.CREATED_EMAIL)], "new key")
+    async with gateway.store.reads() as s:
+        created = await dirops.get_patient(s, demo.CREATED_EMAIL)
+        assert created is not None
+        row = await s.get(PatientKey, created.id)
+    assert row is not None and row.master_key_id == newer.id
 
 
 def test_master_key_from_environment(tmp_path: Path) -> None:

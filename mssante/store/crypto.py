@@ -146,6 +146,46 @@ def load_key_provider(
     return StaticKeyProvider(keys, current)
 
 
+class DirectoryKeyProvider:
+    """The master keys of a running service: ``store.keys_dir`` (and
+    ``MSSANTE_MASTER_KEY``), read again when a key it does not hold is asked
+    for, and on :meth:`reload` (SIGHUP).
+
+    ``mssante keys rotate`` runs in another process: it adds a key file,
+    makes it current and re-wraps the data keys under it.  A node started
+    before would fail on every data key re-wrapped under the new key (451
+    for its patients) if it never looked at the directory again; it finds
+    the new key on the first miss.  It wraps new data keys under the new
+    current key once reloaded (the README's rotation steps).
+    """
+
+    def __init__(
+        self, directory: Path, *, environ: Mapping[str, str] | None = None, create: bool = False
+    ) -> None:
+        self._directory = directory
+        self._environ = environ
+        self._keys = load_key_provider(directory, environ=environ, create=create)
+
+    def current(self) -> MasterKey:
+        return self._keys.current()
+
+    def get(self, key_id: str) -> MasterKey:
+        try:
+            return self._keys.get(key_id)
+        except KeyError:
+            self.reload()  # a rotation elsewhere; still KeyError if really unknown
+            return self._keys.get(key_id)
+
+    def reload(self) -> None:
+        """Read the directory again (raises if it no longer holds usable keys:
+        the keys in memory are then kept)."""
+        self._keys = load_key_provider(self._directory, environ=self._environ)
+
+    @property
+    def ids(self) -> list[str]:
+        return self._keys.ids
+
+
 # --- single values ---------------------------------------------------------------------
 
 
