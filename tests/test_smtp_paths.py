@@ -10,6 +10,7 @@ from aiosmtpd.smtp import SMTP
 from hypothesis import given
 from hypothesis import strategies as st
 
+from mssante.metrics import Metrics
 from mssante.smtp.protocol import _PLAIN_PATH, GatewayProtocol
 
 
@@ -21,7 +22,12 @@ def _protocol() -> GatewayProtocol:
     loop = asyncio.new_event_loop()
     try:
         return GatewayProtocol(
-            _Handler(), max_message_size=1000, max_header_size=2000, hostname="t", loop=loop
+            _Handler(),
+            max_message_size=1000,
+            max_header_size=2000,
+            metrics=Metrics().listener("mx"),
+            hostname="t",
+            loop=loop,
         )
     finally:
         loop.close()

@@ -258,8 +258,8 @@ class BounceListener:
         port: int,
         hostname: str,
         tls_context: ssl.SSLContext | None,
+        metrics: ListenerMetrics,
         timeout: float = 60.0,
-        metrics: ListenerMetrics | None = None,
     ) -> None:
         self.policy = policy
         self._metrics = metrics

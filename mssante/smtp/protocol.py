@@ -33,7 +33,7 @@ from typing import Any
 
 from aiosmtpd.smtp import SMTP, TLSSetupException, syntax
 
-from mssante.metrics import ListenerMetrics, Metrics
+from mssante.metrics import ListenerMetrics
 from mssante.smtp import replies
 from mssante.smtp.data import DataProblem, DataReceiver
 from mssante.smtp.dsn_parameters import DSN_PARAMETERS
@@ -125,15 +125,15 @@ class GatewayProtocol(SMTP):
         *,
         max_message_size: int,
         max_header_size: int,
+        metrics: ListenerMetrics,
         on_end: Callable[[GatewayProtocol], None] | None = None,
-        metrics: ListenerMetrics | None = None,
         **kwargs: Any,
     ) -> None:
         # SIZE is ours (session.py answers it from the reply table), so
         # aiosmtpd's own check is off.  SMTPUTF8 (RFC 6531) is offered; an
         # address that needs it without it is refused in session.py.
         self._chunks: _Chunks | None = None
-        self.metrics = metrics or Metrics().listener("mx")
+        self.metrics = metrics  # the listener's: one registry per process
         # The open transaction (from MAIL to the reply to its data).
         self.transaction: Transaction | None = None
         self._counted = False
